@@ -1,0 +1,20 @@
+"""jaxlirpa: provable bounds on the outputs of JAX functions (IBP, CROWN, forward LiRPA, CROWN-IBP)."""
+from jaxlirpa import rules as _rules  # noqa: F401  (registers the built-in rules)
+from jaxlirpa.api import Bounds, bound, margin_spec
+from jaxlirpa.rules.base import ElementwiseRule, Relaxation, Rule, UnsupportedPrimitiveError
+from jaxlirpa.rules.base import register as _register
+from jaxlirpa.rules.linear import LINEAR
+from jaxlirpa.sets import Box, L1Ball, L2Ball, LinfBall
+
+
+def register_rule(primitive, rule: Rule) -> None:
+    """Teach jaxlirpa a primitive it lacks. ``rule`` is ``jaxlirpa.LINEAR`` for a
+    primitive linear in its operands, or an :class:`ElementwiseRule` subclass
+    instance giving ``image`` and ``relax``. See README, "Adding a rule"."""
+    _register(rule, primitive)
+
+
+__all__ = [
+    "Bounds", "Box", "ElementwiseRule", "L1Ball", "L2Ball", "LINEAR", "LinfBall", "Relaxation", "Rule",
+    "UnsupportedPrimitiveError", "bound", "margin_spec", "register_rule",
+]

@@ -1,0 +1,88 @@
+"""The one module that touches JAX internals.
+
+JAX moves its internal names between releases; everything jaxlirpa needs from
+them (jaxpr types, call primitives, source locations) is gathered here so a
+JAX upgrade changes this file only.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.extend.core as jcore
+from jax._src import source_info_util
+
+Primitive = jcore.Primitive
+Var = jcore.Var
+Literal = jcore.Literal
+ClosedJaxpr = jcore.ClosedJaxpr
+Jaxpr = jcore.Jaxpr
+JaxprEqn = jcore.JaxprEqn
+DropVar = jcore.DropVar
+
+# Primitives whose body is a sub-jaxpr that computes the result: inlined when traced.
+# name -> parameter holding the (closed) jaxpr.
+CALL_JAXPR_PARAMS = {
+    "pjit": "jaxpr",
+    "jit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "remat": "jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+}
+
+
+def call_body(eqn) -> tuple[Jaxpr, list] | None:
+    """The (jaxpr, consts) that an inlinable call equation evaluates, else None."""
+    key = CALL_JAXPR_PARAMS.get(eqn.primitive.name)
+    if key is None or key not in eqn.params:
+        return None
+    body = eqn.params[key]
+    if isinstance(body, ClosedJaxpr):
+        return body.jaxpr, list(body.consts)
+    return body, []
+
+
+def make_jaxpr(fn, *avals) -> ClosedJaxpr:
+    """Trace ``fn`` on abstract values; closed-over tracers become consts."""
+    return jax.make_jaxpr(fn)(*avals)
+
+
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(m.__file__) + os.sep
+    for m in (jax, __import__("jaxlib"))
+) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+
+
+def _library_dirs():
+    dirs = list(_LIBRARY_DIRS)
+    for name in ("flax", "equinox", "optax"):
+        try:
+            mod = __import__(name)
+        except ImportError:
+            continue
+        dirs.append(os.path.dirname(mod.__file__) + os.sep)
+    return tuple(dirs)
+
+
+def user_location(eqn) -> str:
+    """'file:line (function)' of the user's code that emitted ``eqn``.
+
+    The innermost frame outside JAX, flax, equinox, optax and jaxlirpa itself,
+    so that an error names the line a researcher wrote, not a library line.
+    """
+    tb = getattr(eqn.source_info, "traceback", None)
+    if tb is None:
+        return "<unknown location>"
+    skip = _library_dirs()
+    for frame in tb.frames:
+        if not frame.file_name.startswith(skip) and "<frozen" not in frame.file_name:
+            return f"{frame.file_name}:{frame.line_num} ({frame.function_name})"
+    return source_info_util.summarize(eqn.source_info)
+
+
+from jax.extend.core import primitives as lax_primitives  # noqa: E402  (re-exported table of lax primitives)

@@ -1,0 +1,138 @@
+"""The public entry point: validation, tracing, compilation cache, batching."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlirpa import graph as graph_lib
+from jaxlirpa.methods import METHODS, bound_flat
+from jaxlirpa.methods.context import Context
+from jaxlirpa.rules.base import lookup
+from jaxlirpa.sets import Region, as_set
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """Sound elementwise bounds: ``lower <= fn(x') <= upper`` for every x' in the set.
+
+    Shaped like ``fn(x)``, or ``(batch, rows)`` when a spec was given. A pytree,
+    so it crosses ``jax.jit`` and ``jax.grad``.
+    """
+
+    lower: jax.Array
+    upper: jax.Array
+
+
+def _check_method(method: str) -> str:
+    if not isinstance(method, str) or method.lower() not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    return method.lower()
+
+
+def _check_input(x) -> jax.Array:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}; cast it, e.g. x.astype(jnp.float32).")
+    if x.ndim < 1:
+        raise ValueError("x must have a leading batch axis; for a single example use x[None].")
+    if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
+        raise ValueError("x contains NaN or infinite values; bounds around it would be meaningless.")
+    return jnp.asarray(x)
+
+
+def _check_spec(spec, batch: int, out_size: int, dtype):
+    if spec is None:
+        return None
+    C = jnp.asarray(spec, dtype=dtype)
+    if C.ndim not in (2, 3) or C.shape[-1] != out_size or (C.ndim == 3 and C.shape[0] != batch):
+        raise ValueError(
+            f"spec has shape {C.shape}; expected (rows, {out_size}) or ({batch}, rows, {out_size}), "
+            f"where {out_size} is the size of one example's output."
+        )
+    return C
+
+
+def margin_spec(labels, num_classes: int) -> jax.Array:
+    """Rows ``e_y - e_j`` for every ``j != y``: ``C @ logits`` are the margins whose
+    positive lower bounds prove that the prediction stays ``y``.
+
+    Returns shape ``(batch, num_classes - 1, num_classes)``.
+    Example: ``bound(model, x, 0.1, spec=margin_spec(y, 10))``.
+    """
+    labels = jnp.asarray(labels)
+    k = jnp.arange(num_classes - 1)
+    others = k[None, :] + (k[None, :] >= labels[:, None])
+    eye = jnp.eye(num_classes)
+    return eye[labels][:, None, :] - eye[others]
+
+
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+_CACHE_SIZE = 64
+
+
+def _compiled(graph, method: str, spec_batched: bool | None):
+    """A jitted, batch-vmapped bound computation for this graph structure."""
+    key = (graph.signature, method, spec_batched)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+
+    def one(consts, region: Region, C):
+        ctx = Context(graph, consts, [region.center], {graph.perturbed_inputs[0]: region})
+        b = bound_flat(ctx, method, C)
+        return b.lower, b.upper
+
+    run = jax.jit(jax.vmap(one, in_axes=(None, 0, None if not spec_batched else 0)))
+    _CACHE[key] = run
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return run
+
+
+def trace_per_example(fn: Callable, x):
+    """Trace ``fn`` on one example (``x[0]``-shaped), checking it maps batches to batches."""
+    out = jax.eval_shape(fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    if not hasattr(out, "shape") or out.ndim < 1 or out.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"fn must map a batch of inputs to a batch of outputs (a single array with the same leading axis); "
+            f"got {jax.tree_util.tree_map(lambda o: o.shape, out)} for input shape {x.shape}."
+        )
+    graph, consts = graph_lib.trace(lambda xi: fn(xi[None])[0], [jax.ShapeDtypeStruct(x.shape[1:], x.dtype)], [True])
+    for eqn in graph.eqns:
+        if any(graph.is_perturbed(v) for v in eqn.inputs):
+            lookup(eqn, tuple(graph.is_perturbed(v) for v in eqn.inputs))
+    return graph, consts, out
+
+
+def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None) -> Bounds:
+    """Sound bounds on ``fn(x')`` (or ``spec @ fn(x')``) for all ``x'`` in the set around ``x``.
+
+    **Arguments:**
+    - ``fn``: any JAX-traceable function of a batch (closures over flax params welcome).
+    - ``x``: the centre, batch axis first; each example is bounded on its own.
+    - ``eps_or_set``: a radius (L-inf ball) or ``LinfBall``/``L2Ball``/``L1Ball``/``Box``.
+    - ``method``: ``"ibp"``, ``"crown"``, ``"crown-ibp"`` or ``"forward"``.
+    - ``spec``: ``C`` of shape ``(rows, out)`` or ``(batch, rows, out)``: bound ``C @ fn(x)``
+      directly, tighter than bounding ``fn(x)`` first (see :func:`margin_spec`).
+
+    Example::
+
+        b = jaxlirpa.bound(lambda x: model.apply(params, x), x, 0.1, method="crown")
+        b.lower, b.upper
+    """
+    method = _check_method(method)
+    x = _check_input(x)
+    region = as_set(eps_or_set).region(x)
+    graph, consts, out = trace_per_example(fn, x)
+    C = _check_spec(spec, x.shape[0], int(np.prod(out.shape[1:])), out.dtype)
+    lower, upper = _compiled(graph, method, None if C is None else C.ndim == 3)(consts, region, C)
+    if C is None:
+        lower, upper = lower.reshape(out.shape), upper.reshape(out.shape)
+    return Bounds(lower, upper)

@@ -1,0 +1,91 @@
+"""What every bound method shares: the graph, the concrete values of all
+unperturbed variables, the input regions, rule lookup and concretisation."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlirpa.graph import Const, Graph
+from jaxlirpa.rules.base import Interval, LinearBounds, Perturbed, lookup
+from jaxlirpa.sets import Region
+
+
+class Context:
+    """One example's bound computation.
+
+    ``regions`` maps each perturbed input id to its :class:`Region`; every
+    unperturbed variable is evaluated once, concretely, on construction.
+    """
+
+    def __init__(self, graph: Graph, consts, inputs, regions: dict[int, Region]):
+        self.graph = graph
+        self.regions = regions
+        self.values = dict(zip(graph.consts, consts)) | {
+            i: v for i, v in zip(graph.inputs, inputs) if i not in regions
+        }
+        self.perturbed_eqns = []
+        for e in graph.eqns:
+            if any(graph.is_perturbed(v) for v in e.inputs):
+                self.perturbed_eqns.append(e)
+            else:
+                outs = e.prim.bind(*map(self.value, e.inputs), **e.params)
+                self.values.update(zip(e.outputs, outs if e.prim.multiple_results else [outs]))
+        self._rules = {e: lookup(e, self.perturbed_mask(e)) for e in self.perturbed_eqns}
+
+    def value(self, operand):
+        return operand.value if isinstance(operand, Const) else self.values[operand]
+
+    def perturbed_mask(self, eqn) -> tuple[bool, ...]:
+        return tuple(self.graph.is_perturbed(v) for v in eqn.inputs)
+
+    def rule(self, eqn):
+        return self._rules[eqn]
+
+    def operands(self, eqn, bounds=None, linear=None):
+        """Each operand as a rule sees it: a concrete array, or :class:`Perturbed`."""
+        return [
+            Perturbed(interval=None if bounds is None else bounds.get(v), linear=None if linear is None else linear.get(v))
+            if self.graph.is_perturbed(v) else self.value(v)
+            for v in eqn.inputs
+        ]
+
+    def input_intervals(self) -> dict[int, Interval]:
+        return {i: Interval(*r.interval()) for i, r in self.regions.items()}
+
+    def concretize(self, As: dict[int, jax.Array], sign: int) -> jax.Array:
+        """Sum over perturbed inputs of ``min`` (sign -1) or ``max`` (+1) of ``<A, x>``."""
+        total = 0.0
+        for i, A in As.items():
+            total = total + self.regions[i].concretize(A, sign)
+        return total
+
+    def input_linear(self) -> dict[int, LinearBounds]:
+        """Forward-mode start: each input is itself, one block of rows per input."""
+        sizes = {i: int(np.prod(self.graph.avals[i].shape)) for i in self.regions}
+        n, offset, out = sum(sizes.values()), 0, {}
+        for i, size in sizes.items():
+            shape = self.graph.avals[i].shape
+            dtype = self.graph.avals[i].dtype
+            w = jnp.eye(n, size, -offset, dtype=dtype).reshape(n, *shape)
+            b = jnp.zeros(shape, dtype)
+            out[i] = LinearBounds(w, b, w, b)
+            offset += size
+        return out
+
+    def split_rows(self, w: jax.Array) -> dict[int, jax.Array]:
+        """Forward weights ``(n_inputs, *shape)`` as per-input ``A`` matrices ``(size, *input_shape)``."""
+        flat = w.reshape(w.shape[0], -1).T
+        out, offset = {}, 0
+        for i in self.regions:
+            shape = self.graph.avals[i].shape
+            size = int(np.prod(shape))
+            out[i] = flat[:, offset:offset + size].reshape(flat.shape[0], *shape)
+            offset += size
+        return out
+
+    def concretize_linear(self, lin: LinearBounds) -> Interval:
+        shape = lin.lb.shape
+        lo = self.concretize(self.split_rows(lin.lw), -1).reshape(shape) + lin.lb
+        hi = self.concretize(self.split_rows(lin.uw), +1).reshape(shape) + lin.ub
+        return Interval(lo, hi)

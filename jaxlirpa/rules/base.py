@@ -1,0 +1,180 @@
+"""The rule interface and the one registry of rules, keyed by primitive.
+
+A rule says how bounds pass through one primitive, for every method:
+
+- ``interval``: IBP, elementwise ``[l, u]`` of the output from those of the inputs;
+- ``backward``: CROWN, pull linear bounds ``A @ out`` back onto the inputs;
+- ``forward``: forward-mode LiRPA, push linear functions of the perturbation.
+
+Nonlinear elementwise primitives subclass :class:`ElementwiseRule` and supply a
+relaxation only (two lines per element); the three passes over it are written
+once, here. Linear primitives need no code at all (see ``rules/linear.py``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxlirpa._compat import Primitive
+
+
+class Interval(NamedTuple):
+    lower: jax.Array
+    upper: jax.Array
+
+
+class LinearBounds(NamedTuple):
+    """``lw @ e + lb <= v <= uw @ e + ub`` for every e in the input set.
+
+    ``lw``/``uw`` have shape ``(n_inputs, *v.shape)``; e is the flattened input.
+    """
+
+    lw: jax.Array
+    lb: jax.Array
+    uw: jax.Array
+    ub: jax.Array
+
+
+class Perturbed(NamedTuple):
+    """A perturbed operand as a rule sees it: its interval and, in forward
+    mode, its linear bounds. Constant operands are passed as plain arrays."""
+
+    interval: Interval | None = None
+    linear: LinearBounds | None = None
+
+
+class Relaxation(NamedTuple):
+    """Elementwise ``lw * x + lb <= f(x) <= uw * x + ub`` on ``[l, u]``."""
+
+    lw: jax.Array
+    lb: jax.Array
+    uw: jax.Array
+    ub: jax.Array
+
+
+class UnsupportedPrimitiveError(NotImplementedError):
+    """No rule bounds this primitive (or this use of it)."""
+
+
+class Rule:
+    """Base of all rules. ``needs_bounds``: the rule reads input intervals."""
+
+    needs_bounds = True
+
+    def accepts(self, eqn, perturbed: tuple[bool, ...]) -> bool:
+        """Whether the rule handles this equation given which operands are perturbed."""
+        return True
+
+    def interval(self, eqn, ops) -> Interval:
+        raise NotImplementedError
+
+    def backward(self, eqn, ops, lA, uA):
+        """Returns ``(per-operand (lA, uA) or None, lower bias, upper bias)``; biases have shape (rows,)."""
+        raise NotImplementedError
+
+    def forward(self, eqn, ops) -> LinearBounds:
+        raise NotImplementedError
+
+
+def _pos_neg(A):
+    return jnp.maximum(A, 0), jnp.minimum(A, 0)
+
+
+def _rowsum(t):
+    return jnp.sum(t, axis=tuple(range(1, t.ndim)))
+
+
+class ElementwiseRule(Rule):
+    """A primitive ``y = f(x, *params)`` elementwise in its one perturbed operand ``x``.
+
+    Subclasses define ``image(l, u, *params) -> (lo, hi)`` and
+    ``relax(l, u, *params) -> Relaxation``; ``params`` are the constant operands
+    in order. ``x`` is found by position: the only perturbed operand.
+    """
+
+    def accepts(self, eqn, perturbed):
+        return sum(perturbed) == 1
+
+    def split(self, eqn, ops):
+        x = next(o for o in ops if isinstance(o, Perturbed))
+        params = [o for o in ops if not isinstance(o, Perturbed)]
+        return x, params
+
+    def _relaxation(self, eqn, ops) -> Relaxation:
+        x, params = self.split(eqn, ops)
+        shape = eqn_shape(eqn)
+        r = self.relax(*x.interval, *params)
+        return Relaxation(*(jnp.broadcast_to(t, shape) for t in r))
+
+    def interval(self, eqn, ops):
+        x, params = self.split(eqn, ops)
+        lo, hi = self.image(*x.interval, *params)
+        shape = eqn_shape(eqn)
+        return Interval(jnp.broadcast_to(lo, shape), jnp.broadcast_to(hi, shape))
+
+    def backward(self, eqn, ops, lA, uA):
+        r = self._relaxation(eqn, ops)
+        lbias = ubias = 0.0
+        if lA is not None:
+            pos, neg = _pos_neg(lA)
+            lbias = _rowsum(pos * r.lb + neg * r.ub)
+            lA = pos * r.lw + neg * r.uw
+        if uA is not None:
+            pos, neg = _pos_neg(uA)
+            ubias = _rowsum(pos * r.ub + neg * r.lb)
+            uA = pos * r.uw + neg * r.lw
+        grads = [(lA, uA) if isinstance(o, Perturbed) else None for o in ops]
+        return grads, lbias, ubias
+
+    def forward(self, eqn, ops):
+        x, _ = self.split(eqn, ops)
+        r = self._relaxation(eqn, ops)
+        lw, lb, uw, ub = x.linear
+        lpos, lneg = _pos_neg(r.lw)
+        upos, uneg = _pos_neg(r.uw)
+        return LinearBounds(
+            lw=lpos * lw + lneg * uw,
+            lb=lpos * lb + lneg * ub + r.lb,
+            uw=upos * uw + uneg * lw,
+            ub=upos * ub + uneg * lb + r.ub,
+        )
+
+    def image(self, l, u, *params):
+        raise NotImplementedError
+
+    def relax(self, l, u, *params) -> Relaxation:
+        raise NotImplementedError
+
+
+def eqn_shape(eqn):
+    return eqn.out_avals[0].shape
+
+
+RULES: dict[Primitive, Rule] = {}
+
+
+def register(rule: Rule, *prims: Primitive) -> Rule:
+    """Register ``rule`` for each primitive in ``prims`` (one line per family)."""
+    for p in prims:
+        RULES[p] = rule
+    return rule
+
+
+def lookup(eqn, perturbed: tuple[bool, ...]) -> Rule:
+    """The rule for ``eqn``, or an :class:`UnsupportedPrimitiveError` that names
+    the primitive, its operand shapes and the user's line."""
+    rule = RULES.get(eqn.prim)
+    if rule is not None and rule.accepts(eqn, perturbed):
+        return rule
+    shapes = ", ".join(
+        f"{'perturbed ' if p else ''}{tuple(a.shape)}" for a, p in zip(eqn.in_avals, perturbed)
+    )
+    why = "no rule is registered for it" if rule is None else "its rule does not handle this combination of perturbed operands"
+    raise UnsupportedPrimitiveError(
+        f"jaxlirpa cannot bound primitive '{eqn.prim.name}' (operands: {shapes}) at {eqn.location()}: {why}. "
+        f"Register one with jaxlirpa.register_rule(primitive, rule) (an ElementwiseRule subclass for "
+        f"elementwise nonlinear functions, jaxlirpa.LINEAR for linear ones); see README 'Adding a rule'."
+    )
+

@@ -1,0 +1,140 @@
+"""One rule for every linear primitive, derived from JAX's own transformations.
+
+With its constant operands closed over, a linear primitive is an affine map
+``f(x) = L x + f(0)``. Then
+
+- CROWN pulls ``A`` back through ``L^T``: ``jax.vjp`` of ``f``, vmapped over rows;
+- forward mode pushes linear bounds through ``L``: ``jax.jvp``, vmapped over rows;
+- IBP and forward mode also need ``|L|`` (the map with absolute coefficients):
+  the same primitive with ``|constant|`` operands for scalings (``mul``,
+  ``div``, ``dot_general``, ``conv``), ``add`` for ``sub``, identity for ``neg``,
+  and ``L`` itself for the structural primitives (reshape, slice, pad, ...),
+  whose coefficients are 0 or 1.
+
+No primitive needs hand-written bound code.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxlirpa._compat import lax_primitives as P
+from jaxlirpa.rules.base import Interval, LinearBounds, Perturbed, Rule, register
+
+_SCALINGS = {P.mul_p, P.div_p, P.dot_general_p, P.conv_general_dilated_p}
+
+
+def _apply(prim, eqn, args):
+    out = prim.bind(*args, **eqn.params)
+    return out[0] if prim.multiple_results else out
+
+
+def _substitute(ops, values):
+    values = iter(values)
+    return [next(values) if isinstance(o, Perturbed) else o for o in ops]
+
+
+def _perturbed_avals(eqn, ops):
+    return [a for a, o in zip(eqn.in_avals, ops) if isinstance(o, Perturbed)]
+
+
+class LinearRule(Rule):
+    """The generic rule. It is linear only when ``single`` (a product) has one
+    perturbed operand, when only the positions in ``only`` (if given) are
+    perturbed, and when the positions in ``constant`` are not."""
+
+    needs_bounds = False
+
+    def __init__(self, *, single: bool = False, only: tuple[int, ...] | None = None, constant: tuple[int, ...] = ()):
+        self.single, self.only, self.constant = single, only, constant
+
+    def accepts(self, eqn, perturbed):
+        if self.single and sum(perturbed) != 1:
+            return False
+        if self.only is not None and any(p and i not in self.only for i, p in enumerate(perturbed)):
+            return False
+        if any(perturbed[i] for i in self.constant if i < len(perturbed)):
+            return False
+        return jnp.issubdtype(eqn.out_avals[0].dtype, jnp.floating)
+
+    def affine(self, eqn, ops):
+        """``f(*perturbed operands)`` with the constant operands closed over."""
+        return lambda *xs: _apply(eqn.prim, eqn, _substitute(ops, xs))
+
+    def linear_abs(self, eqn, ops):
+        """``|L|``: the linear part with absolute coefficients."""
+        if eqn.prim is P.neg_p:
+            return lambda r: r
+        if eqn.prim in _SCALINGS:
+            abs_ops = [o if isinstance(o, Perturbed) else jnp.abs(o) for o in ops]
+            return lambda *rs: _apply(eqn.prim, eqn, _substitute(abs_ops, rs))
+        prim = P.add_p if eqn.prim is P.sub_p else eqn.prim
+        f = lambda *xs: _apply(prim, eqn, _substitute(ops, xs))
+        return lambda *rs: jax.jvp(f, rs, rs)[1]
+
+    def linear(self, eqn, ops):
+        """``L``: the linear part (the JVP of the affine map)."""
+        f = self.affine(eqn, ops)
+        return lambda *ts: jax.jvp(f, ts, ts)[1]
+
+    def interval(self, eqn, ops):
+        mids = [(o.interval.lower + o.interval.upper) / 2 for o in ops if isinstance(o, Perturbed)]
+        rads = [(o.interval.upper - o.interval.lower) / 2 for o in ops if isinstance(o, Perturbed)]
+        mid = self.affine(eqn, ops)(*mids)
+        rad = self.linear_abs(eqn, ops)(*rads)
+        return Interval(mid - rad, mid + rad)
+
+    def backward(self, eqn, ops, lA, uA):
+        zeros = [jnp.zeros(a.shape, a.dtype) for a in _perturbed_avals(eqn, ops)]
+        y0, pullback = jax.vjp(self.affine(eqn, ops), *zeros)
+        As = [A for A in (lA, uA) if A is not None]
+        stacked = jnp.concatenate(As) if len(As) > 1 else As[0]
+        pulled = jax.vmap(pullback)(stacked)
+        bias = jnp.sum(stacked * y0, axis=tuple(range(1, stacked.ndim)))
+        rows = lA.shape[0] if lA is not None else 0
+        split = lambda t: (t[:rows] if lA is not None else None, t[rows:] if uA is not None else None)
+        pulled = iter(pulled)
+        grads = [split(next(pulled)) if isinstance(o, Perturbed) else None for o in ops]
+        lbias, ubias = split(bias)
+        return grads, (0.0 if lbias is None else lbias), (0.0 if ubias is None else ubias)
+
+    def forward(self, eqn, ops):
+        xs = [o.linear for o in ops if isinstance(o, Perturbed)]
+        mid_w = [(x.lw + x.uw) / 2 for x in xs]
+        rad_w = [(x.uw - x.lw) / 2 for x in xs]
+        mid_b = [(x.lb + x.ub) / 2 for x in xs]
+        rad_b = [(x.ub - x.lb) / 2 for x in xs]
+        L, absL = self.linear(eqn, ops), self.linear_abs(eqn, ops)
+        w, dw = jax.vmap(L)(*mid_w), jax.vmap(absL)(*rad_w)
+        b, db = self.affine(eqn, ops)(*mid_b), absL(*rad_b)
+        return LinearBounds(lw=w - dw, lb=b - db, uw=w + dw, ub=b + db)
+
+
+class IdentityRule(Rule):
+    """Primitives whose value is their operand (``stop_gradient``, ``copy``):
+    their JVP is not the identity, so the generic rule does not apply."""
+
+    needs_bounds = False
+
+    def interval(self, eqn, ops):
+        return ops[0].interval
+
+    def backward(self, eqn, ops, lA, uA):
+        return [(lA, uA)], 0.0, 0.0
+
+    def forward(self, eqn, ops):
+        return ops[0].linear
+
+
+LINEAR = LinearRule()
+"""Register this for a user primitive that is linear in all its operands."""
+
+register(LINEAR, P.add_p, P.sub_p, P.neg_p, P.reshape_p, P.broadcast_in_dim_p, P.transpose_p,
+         P.squeeze_p, P.concatenate_p, P.slice_p, P.pad_p, P.reduce_sum_p, P.reduce_window_sum_p,
+         P.convert_element_type_p, P.rev_p, P.cumsum_p, P.add_jaxvals_p)
+register(LinearRule(single=True), P.mul_p, P.dot_general_p, P.conv_general_dilated_p)
+register(LinearRule(only=(0,)), P.div_p, P.dynamic_slice_p, P.gather_p)
+register(LinearRule(constant=(0,)), P.select_n_p)
+register(LinearRule(only=(0, 1)), P.dynamic_update_slice_p)
+register(LinearRule(only=(0, 2)), P.scatter_add_p)
+register(IdentityRule(), P.stop_gradient_p, P.copy_p)

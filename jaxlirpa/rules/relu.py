@@ -1,0 +1,108 @@
+"""Piecewise-linear activations: ``max``/``min`` with a constant (ReLU, clip,
+relu6), leaky ReLU (fused from its ``select_n`` lowering) and ``abs``.
+
+Relaxations follow auto_LiRPA's defaults: the upper line is the chord over
+``[l, u]``; the lower slope is "adaptive" (the side of the kink with the
+larger part of the interval), which minimises the relaxation's area.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxlirpa._compat import lax_primitives as P
+from jaxlirpa.graph import leaky_relu_p
+from jaxlirpa.rules.base import ElementwiseRule, Relaxation, register
+
+
+def _chord(l, u, fl, fu, crossing):
+    """Slope and intercept of the line through (l, fl) and (u, fu), safe where l == u."""
+    slope = (fu - fl) / jnp.where(crossing, u - l, 1.0)
+    return slope, fl - slope * l
+
+
+class MaxWithConstant(ElementwiseRule):
+    """``max(x, c)``: ReLU when c = 0."""
+
+    def image(self, l, u, c):
+        return jnp.maximum(l, c), jnp.maximum(u, c)
+
+    def relax(self, l, u, c):
+        active, inactive = l >= c, u <= c
+        crossing = ~active & ~inactive
+        slope, intercept = _chord(l, u, jnp.asarray(c, l.dtype) + 0 * l, u, crossing)
+        lower_slope = jnp.where(active | (crossing & (u - c > c - l)), 1.0, 0.0).astype(l.dtype)
+        return Relaxation(
+            lw=lower_slope,
+            lb=(1 - lower_slope) * c,
+            uw=jnp.where(crossing, slope, lower_slope),
+            ub=jnp.where(crossing, intercept, (1 - lower_slope) * c),
+        )
+
+
+class MinWithConstant(ElementwiseRule):
+    """``min(x, c) = -max(-x, -c)``."""
+
+    _max = MaxWithConstant()
+
+    def image(self, l, u, c):
+        return jnp.minimum(l, c), jnp.minimum(u, c)
+
+    def relax(self, l, u, c):
+        r = self._max.relax(-u, -l, -c)
+        return Relaxation(lw=r.uw, lb=-r.ub, uw=r.lw, ub=-r.lb)
+
+
+class LeakyRelu(ElementwiseRule):
+    """``x if x >= 0 else a * x``. For a <= 1 the function is convex: chord above,
+    a line through 0 with slope 1 or a below; for a > 1 the roles swap."""
+
+    def accepts(self, eqn, perturbed):
+        return perturbed[0] and not perturbed[1]
+
+    def image(self, l, u, a):
+        f = lambda t: jnp.where(t >= 0, t, a * t)
+        crossing = (l < 0) & (u > 0)
+        lo, hi = jnp.minimum(f(l), f(u)), jnp.maximum(f(l), f(u))
+        return jnp.where(crossing, jnp.minimum(lo, 0), lo), jnp.where(crossing, jnp.maximum(hi, 0), hi)
+
+    def relax(self, l, u, a):
+        a = jnp.asarray(a, l.dtype) + 0 * l
+        active, inactive = l >= 0, u <= 0
+        crossing = ~active & ~inactive
+        chord_slope, chord_icpt = _chord(l, u, a * l, u, crossing)
+        tangent = jnp.where(u > -l, 1.0, a)
+        stable = jnp.where(active, 1.0, a)
+        convex = a <= 1
+        lw = jnp.where(crossing, jnp.where(convex, tangent, chord_slope), stable)
+        uw = jnp.where(crossing, jnp.where(convex, chord_slope, tangent), stable)
+        lb = jnp.where(crossing & ~convex, chord_icpt, 0.0)
+        ub = jnp.where(crossing & convex, chord_icpt, 0.0)
+        return Relaxation(lw, lb, uw, ub)
+
+
+class Abs(ElementwiseRule):
+    """``|x|``: chord above; below, slope +1 or -1 through 0, whichever side of
+    0 holds more of the interval (the smaller-area choice)."""
+
+    def image(self, l, u):
+        crossing = (l < 0) & (u > 0)
+        lo = jnp.where(crossing, 0.0, jnp.minimum(jnp.abs(l), jnp.abs(u)))
+        return lo, jnp.maximum(jnp.abs(l), jnp.abs(u))
+
+    def relax(self, l, u):
+        active, inactive = l >= 0, u <= 0
+        crossing = ~active & ~inactive
+        slope, intercept = _chord(l, u, -l, u, crossing)
+        lower = jnp.where(active | (crossing & (u > -l)), 1.0, -1.0).astype(l.dtype)
+        return Relaxation(
+            lw=lower,
+            lb=jnp.zeros_like(l),
+            uw=jnp.where(crossing, slope, lower),
+            ub=jnp.where(crossing, intercept, 0.0),
+        )
+
+
+register(MaxWithConstant(), P.max_p)
+register(MinWithConstant(), P.min_p)
+register(LeakyRelu(), leaky_relu_p)
+register(Abs(), P.abs_p)
