@@ -7,7 +7,8 @@ violates the property, and a verifier answers "sat" (found) or "unsat" (proved n
 `read` brings the assertions to disjunctive normal form and groups the disjuncts by input box.
 Convention: the property is VIOLATED iff for some `Property` p, some x with
 p.lower <= x <= p.upper, and some (C, d) in p.disjuncts, every row of C @ f(x) <= d holds.
-To prove it, show for every p and every (C, d) that some row of C @ f(x) - d is > 0 on the box.
+Proving it means showing, for every p and every (C, d), that each x in the box has some row
+with (C @ f(x))_k > d_k; one row whose lower bound over the whole box exceeds d_k suffices.
 
 Example:
 

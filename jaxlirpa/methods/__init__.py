@@ -5,51 +5,63 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlirpa.methods.context import Context
-from jaxlirpa.methods.crown import backward, crown_intervals
+from jaxlirpa.methods.crown import backward, concretize, crown_intervals, pull_back
 from jaxlirpa.methods.forward import forward_linear
 from jaxlirpa.methods.ibp import ibp_intervals
-from jaxlirpa.rules.base import Interval, LinearBounds
+from jaxlirpa.rules.base import Interval
 
 METHODS = ("ibp", "crown", "crown-ibp", "forward")
 
 
-def _spec_interval(b: Interval, C) -> Interval:
-    lo, hi = b.lower.reshape(-1), b.upper.reshape(-1)
-    if C is None:
-        return Interval(lo, hi)
-    mid, rad = (hi + lo) / 2, (hi - lo) / 2
-    return Interval(C @ mid - jnp.abs(C) @ rad, C @ mid + jnp.abs(C) @ rad)
+def _rowsum(t):
+    return jnp.sum(t, axis=tuple(range(1, t.ndim)))
 
 
-def _spec_linear(lin: LinearBounds, C) -> LinearBounds:
-    n = lin.lw.shape[0]
-    lw, uw = lin.lw.reshape(n, -1), lin.uw.reshape(n, -1)
-    lb, ub = lin.lb.reshape(-1), lin.ub.reshape(-1)
-    if C is None:
-        return LinearBounds(lw, lb, uw, ub)
-    pos, neg = jnp.maximum(C, 0), jnp.minimum(C, 0)
-    return LinearBounds(lw @ pos.T + uw @ neg.T, pos @ lb + neg @ ub, uw @ pos.T + lw @ neg.T, pos @ ub + neg @ lb)
+def _fused_spec(ctx: Context, out, A, bounds, linear=None) -> Interval:
+    """Bounds of ``A @ out`` with ``A`` carried back through the linear layers at the
+    end of the graph (the spec fused into the last layer, as auto_LiRPA does),
+    then met with the intervals (IBP) or linear bounds (forward) found there."""
+    stop = {e.outputs[0] for e in ctx.perturbed_eqns if ctx.rule(e).needs_bounds}
+    pending, lbias, ubias = pull_back(ctx, out, A, A, bounds, stop)
+    at_inputs = {}
+    for v, (lA, uA) in pending.items():
+        if v in ctx.regions:
+            at_inputs[v] = (lA, uA)
+            continue
+        lpos, lneg = jnp.maximum(lA, 0), jnp.minimum(lA, 0)
+        upos, uneg = jnp.maximum(uA, 0), jnp.minimum(uA, 0)
+        if linear is None:
+            lo, hi = bounds[v]
+            lbias, ubias = lbias + _rowsum(lpos * lo + lneg * hi), ubias + _rowsum(upos * hi + uneg * lo)
+            continue
+        lw, lb, uw, ub = linear[v]
+        n = lw.shape[0]
+        w = lambda pos, neg, w1, w2: (pos.reshape(pos.shape[0], -1) @ w1.reshape(n, -1).T
+                                      + neg.reshape(neg.shape[0], -1) @ w2.reshape(n, -1).T)
+        lbias, ubias = lbias + _rowsum(lpos * lb + lneg * ub), ubias + _rowsum(upos * ub + uneg * lb)
+        for i, (wl, wu) in ctx.split_rows_pair(w(lpos, lneg, lw, uw), w(upos, uneg, uw, lw)).items():
+            old = at_inputs.get(i, (0.0, 0.0))
+            at_inputs[i] = (old[0] + wl, old[1] + wu)
+    return Interval(*concretize(ctx, at_inputs, lbias, ubias))
 
 
 def bound_flat(ctx: Context, method: str, C) -> Interval:
     """Bounds of ``C @ flat(output)`` (or of the flat output when C is None) for one example."""
     out = ctx.graph.outputs[0]
     if not ctx.graph.is_perturbed(out):
-        v = ctx.value(out)
-        return _spec_interval(Interval(v, v), C)
+        v = ctx.value(out).reshape(-1)
+        return Interval(v, v) if C is None else Interval(C @ v, C @ v)
+    shape, dtype = ctx.graph.avals[out].shape, ctx.graph.avals[out].dtype
+    A = None if C is None else C.reshape(C.shape[0], *shape)
+    if method in ("ibp", "forward") and A is None:
+        b = ibp_intervals(ctx)[out] if method == "ibp" else ctx.concretize_linear(forward_linear(ctx)[0][out])
+        return Interval(b.lower.reshape(-1), b.upper.reshape(-1))
     if method == "ibp":
-        return _spec_interval(ibp_intervals(ctx)[out], C)
-    if method in ("crown", "crown-ibp"):
-        bounds = crown_intervals(ctx, "ibp" if method == "crown-ibp" else "crown")
-        shape = ctx.graph.avals[out].shape
-        A = jnp.eye(int(np.prod(shape)), dtype=ctx.graph.avals[out].dtype) if C is None else C
-        A = A.reshape(A.shape[0], *shape)
-        lo, hi = backward(ctx, out, A, A, bounds)
-        return Interval(lo, hi)
+        return _fused_spec(ctx, out, A, ibp_intervals(ctx))
     if method == "forward":
-        linear, _ = forward_linear(ctx)
-        lin = _spec_linear(linear[out], C)
-        rows = lin.lb.shape[0]
-        return ctx.concretize_linear(LinearBounds(lin.lw.reshape(-1, rows), lin.lb, lin.uw.reshape(-1, rows), lin.ub))
-    raise ValueError(f"unknown method {method!r}")
-
+        linear, bounds = forward_linear(ctx)
+        return _fused_spec(ctx, out, A, bounds, linear)
+    bounds = crown_intervals(ctx) if method == "crown" else ibp_intervals(ctx)
+    if A is None:
+        A = jnp.eye(int(np.prod(shape)), dtype=dtype).reshape(-1, *shape)
+    return Interval(*backward(ctx, out, A, A, bounds))

@@ -84,6 +84,17 @@ class Context:
             offset += size
         return out
 
+    def split_rows_pair(self, lw: jax.Array, uw: jax.Array) -> dict[int, tuple[jax.Array, jax.Array]]:
+        """Rows ``(rows, n_inputs)`` of linear coefficients split into per-input ``A`` matrices."""
+        out, offset = {}, 0
+        for i in self.regions:
+            shape = self.graph.avals[i].shape
+            size = int(np.prod(shape))
+            cut = lambda w: w[:, offset:offset + size].reshape(w.shape[0], *shape)
+            out[i] = (cut(lw), cut(uw))
+            offset += size
+        return out
+
     def concretize_linear(self, lin: LinearBounds) -> Interval:
         shape = lin.lb.shape
         lo = self.concretize(self.split_rows(lin.lw), -1).reshape(shape) + lin.lb

@@ -1,9 +1,9 @@
 """CROWN: backward linear bound propagation (Zhang et al. 2018; Xu et al. 2020).
 
-``backward`` pulls ``A @ v`` back from a variable ``v`` to the inputs through
-every rule, then concretises it over the input sets. Intermediate bounds (the
-inputs of nonlinear rules) come from CROWN itself, in topological order, or
-from IBP (CROWN-IBP).
+``pull_back`` carries ``A @ v`` from a variable ``v`` back through every rule
+(optionally stopping at chosen variables); ``backward`` then concretises the
+result over the input sets. Intermediate bounds (the inputs of nonlinear
+rules) come from CROWN itself, in topological order, or from IBP (CROWN-IBP).
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlirpa.methods.context import Context
-from jaxlirpa.methods.ibp import ibp_intervals
 from jaxlirpa.rules.base import Interval
 
 
@@ -20,16 +19,14 @@ def _add(a, b):
     return b if a is None else (a if b is None else a + b)
 
 
-def backward(ctx: Context, target: int, lA, uA, bounds) -> tuple[jax.Array | None, jax.Array | None]:
-    """Lower bounds of ``lA @ target`` and upper bounds of ``uA @ target`` (either may be None).
-
-    ``lA``/``uA`` have shape ``(rows, *target.shape)``; results have shape (rows,).
-    """
+def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset()):
+    """Push ``lA``/``uA`` (shape ``(rows, *target.shape)``) back to the inputs, or to
+    the variables in ``stop``. Returns ``({var: (lA, uA)}, lower bias, upper bias)``."""
     pending = {target: (lA, uA)}
     lbias = ubias = 0.0
     for eqn in reversed(ctx.perturbed_eqns):
         out = eqn.outputs[0]
-        if out not in pending:
+        if out not in pending or out in stop:
             continue
         A_l, A_u = pending.pop(out)
         grads, lb, ub = ctx.rule(eqn).backward(eqn, ctx.operands(eqn, bounds), A_l, A_u)
@@ -38,9 +35,20 @@ def backward(ctx: Context, target: int, lA, uA, bounds) -> tuple[jax.Array | Non
             if g is not None:
                 old = pending.get(v, (None, None))
                 pending[v] = (_add(old[0], g[0]), _add(old[1], g[1]))
-    lower = None if lA is None else ctx.concretize({i: pending[i][0] for i in ctx.regions if i in pending}, -1) + lbias
-    upper = None if uA is None else ctx.concretize({i: pending[i][1] for i in ctx.regions if i in pending}, +1) + ubias
-    return lower, upper
+    return pending, lbias, ubias
+
+
+def concretize(ctx: Context, pending, lbias, ubias, lower=True, upper=True):
+    """Bounds from linear functions of the inputs (``pending`` holds inputs only)."""
+    lo = ctx.concretize({v: A[0] for v, A in pending.items()}, -1) + lbias if lower else None
+    hi = ctx.concretize({v: A[1] for v, A in pending.items()}, +1) + ubias if upper else None
+    return lo, hi
+
+
+def backward(ctx: Context, target: int, lA, uA, bounds):
+    """CROWN lower bounds of ``lA @ target`` and upper bounds of ``uA @ target`` (shape (rows,))."""
+    pending, lbias, ubias = pull_back(ctx, target, lA, uA, bounds)
+    return concretize(ctx, pending, lbias, ubias, lA is not None, uA is not None)
 
 
 def identity_rows(aval) -> jax.Array:
@@ -56,14 +64,29 @@ def interval_of(ctx: Context, v: int, bounds) -> Interval:
     return Interval(lo.reshape(aval.shape), hi.reshape(aval.shape))
 
 
-def crown_intervals(ctx: Context, interm: str = "crown") -> dict[int, Interval]:
-    """Bounds on the inputs of every nonlinear rule (``interm``: 'crown' or 'ibp')."""
-    if interm == "ibp":
-        return ibp_intervals(ctx)
-    bounds = ctx.input_intervals()
+def needed_intervals(ctx: Context, bounds, compute) -> dict[int, Interval]:
+    """Fill ``bounds`` for the inputs of every rule that reads them, in order.
+
+    A variable made by an elementwise rule from bounded inputs takes that rule's
+    interval image (exact for the input box, and never looser than a linear
+    bound through the same relaxation); others get ``compute(v, bounds)``.
+    """
+    producer = ctx.graph.producer()
     for eqn in ctx.perturbed_eqns:
-        if ctx.rule(eqn).needs_bounds:
-            for v in eqn.inputs:
-                if ctx.graph.is_perturbed(v) and v not in bounds:
-                    bounds[v] = interval_of(ctx, v, bounds)
+        if not ctx.rule(eqn).needs_bounds:
+            continue
+        for v in eqn.inputs:
+            if not ctx.graph.is_perturbed(v) or v in bounds:
+                continue
+            maker = producer.get(v)
+            if maker is not None and getattr(ctx.rule(maker), "elementwise", False) and all(
+                    u in bounds for u in maker.inputs if ctx.graph.is_perturbed(u)):
+                bounds[v] = ctx.rule(maker).interval(maker, ctx.operands(maker, bounds))
+            else:
+                bounds[v] = compute(v, bounds)
     return bounds
+
+
+def crown_intervals(ctx: Context) -> dict[int, Interval]:
+    """CROWN bounds on the inputs of every nonlinear rule."""
+    return needed_intervals(ctx, ctx.input_intervals(), lambda v, b: interval_of(ctx, v, b))

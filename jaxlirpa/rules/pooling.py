@@ -69,7 +69,8 @@ class WindowMax(Rule):
         table = _table(eqn)
         lw = _windows(x.interval.lower, table, -jnp.inf)
         uw = _windows(x.interval.upper, table, -jnp.inf)
-        j = jnp.argmax(lw, axis=1)
+        best = jnp.max(lw, axis=1, keepdims=True)
+        j = jnp.argmax(jnp.where(lw == best, uw, -jnp.inf), axis=1)  # ties: the larger upper bound
         rows = np.arange(table.shape[0])
         best_lower = lw[rows, j]
         others_upper = jnp.max(uw.at[rows, j].set(-jnp.inf), axis=1)

@@ -54,7 +54,11 @@ class MinWithConstant(ElementwiseRule):
 
 class LeakyRelu(ElementwiseRule):
     """``x if x >= 0 else a * x``. For a <= 1 the function is convex: chord above,
-    a line through 0 with slope 1 or a below; for a > 1 the roles swap."""
+    a line through 0 with slope 1 or a below; for a > 1 the roles swap.
+
+    The tangent slope is 1 where the chord's slope exceeds (1 + a) / 2... as
+    auto_LiRPA chooses it (chord slope > 0.5), so bounds match its own; for
+    a = 0 both rules are the area-minimising one."""
 
     def accepts(self, eqn, perturbed):
         return perturbed[0] and not perturbed[1]
@@ -70,7 +74,7 @@ class LeakyRelu(ElementwiseRule):
         active, inactive = l >= 0, u <= 0
         crossing = ~active & ~inactive
         chord_slope, chord_icpt = _chord(l, u, a * l, u, crossing)
-        tangent = jnp.where(u > -l, 1.0, a)
+        tangent = jnp.where(chord_slope > 0.5, 1.0, a)
         stable = jnp.where(active, 1.0, a)
         convex = a <= 1
         lw = jnp.where(crossing, jnp.where(convex, tangent, chord_slope), stable)
