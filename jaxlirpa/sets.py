@@ -107,6 +107,9 @@ class _Ball:
             lo = jnp.maximum(lo, _broadcast("lower", self.lower, x))
         if self.upper is not None:
             hi = jnp.minimum(hi, _broadcast("upper", self.upper, x))
+        if _is_concrete(lo) and _is_concrete(hi) and np.any(np.asarray(lo) > np.asarray(hi)):
+            raise ValueError("x lies outside the domain [lower, upper] by more than eps, so the set is empty; "
+                             "clip x to the domain first.")
         return Region(center=x, eps=eps, lo=lo, hi=hi, p=self.p)
 
 

@@ -88,5 +88,11 @@ def needed_intervals(ctx: Context, bounds, compute) -> dict[int, Interval]:
 
 
 def crown_intervals(ctx: Context) -> dict[int, Interval]:
-    """CROWN bounds on the inputs of every nonlinear rule."""
-    return needed_intervals(ctx, ctx.input_intervals(), lambda v, b: interval_of(ctx, v, b))
+    """CROWN bounds on the inputs of every nonlinear rule; where IBP is exact
+    (the first linear layer on a box), its far cheaper interval is taken."""
+    from jaxlirpa.methods.ibp import ibp_exact, ibp_intervals
+
+    exact = ibp_exact(ctx)
+    ibp = ibp_intervals(ctx) if exact - set(ctx.regions) else {}
+    return needed_intervals(ctx, ctx.input_intervals(),
+                            lambda v, b: ibp[v] if v in exact else interval_of(ctx, v, b))

@@ -94,6 +94,8 @@ class ElementwiseRule(Rule):
     in order. ``x`` is found by position: the only perturbed operand.
     """
 
+    elementwise = True
+
     def accepts(self, eqn, perturbed):
         return sum(perturbed) == 1
 

@@ -1,0 +1,215 @@
+"""The public API: validation errors, jit, grad, vmap, specs, pytrees, user rules."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jaxlirpa
+from jaxlirpa.rules.relu import MaxWithConstant
+
+KEY = jax.random.key(0)
+W1 = jax.random.normal(jax.random.key(1), (4, 8))
+W2 = jax.random.normal(jax.random.key(2), (8, 3))
+X = jax.random.normal(jax.random.key(3), (2, 4))
+
+
+def mlp(x, w1=W1, w2=W2):
+    return jax.nn.relu(x @ w1) @ w2
+
+
+@pytest.mark.parametrize("eps", [-0.1, float("nan"), float("inf")])
+def test_bad_eps_is_a_value_error(eps):
+    with pytest.raises(ValueError, match="eps"):
+        jaxlirpa.bound(mlp, X, eps)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(x=X.at[0, 0].set(jnp.nan), match="NaN"),
+    dict(x=X, eps=jnp.ones((3,)), match="broadcast"),
+    dict(x=X, method="crown-magic", match="Unknown method"),
+    dict(x=X, spec=jnp.ones((2, 5)), match="spec"),
+    dict(x=X, spec=jnp.ones((3, 2, 3)), match="spec"),
+    dict(x=X, eps=jaxlirpa.Box(X + 1, X), match="lower must be <="),
+])
+def test_bad_inputs_are_value_errors(bad):
+    bad = dict(bad)
+    match = bad.pop("match")
+    x, eps = bad.pop("x"), bad.pop("eps", 0.1)
+    with pytest.raises(ValueError, match=match):
+        jaxlirpa.bound(mlp, x, eps, **bad)
+
+
+def test_centre_outside_the_domain_is_a_value_error():
+    with pytest.raises(ValueError, match="outside"):
+        jaxlirpa.bound(mlp, X, jaxlirpa.LinfBall(0.1, lower=0.0, upper=1.0))
+
+
+def test_type_errors():
+    with pytest.raises(TypeError, match="floating"):
+        jaxlirpa.bound(mlp, jnp.ones((2, 4), jnp.int32), 0.1)
+    with pytest.raises(TypeError, match="set"):
+        jaxlirpa.bound(mlp, X, "0.1")
+
+
+def test_fn_must_keep_the_batch_axis():
+    with pytest.raises(ValueError, match="batch"):
+        jaxlirpa.bound(lambda x: jnp.sum(mlp(x)), X, 0.1)
+
+
+def test_unsupported_primitive_names_primitive_and_user_line():
+    def model(x):
+        return jnp.sinh(x @ W1)  # line named in the error
+
+    with pytest.raises(jaxlirpa.UnsupportedPrimitiveError) as err:
+        jaxlirpa.bound(model, X, 0.1)
+    msg = str(err.value)
+    assert "sinh" in msg and "test_api.py" in msg and "register_rule" in msg and "(1, 8)" in msg
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown", "crown-ibp", "forward"])
+def test_jit_equals_eager_and_contains_centre(method):
+    eager = jaxlirpa.bound(mlp, X, 0.1, method=method)
+    jitted = jax.jit(lambda x: jaxlirpa.bound(mlp, x, 0.1, method=method))(X)
+    np.testing.assert_allclose(eager.lower, jitted.lower, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(eager.upper, jitted.upper, rtol=1e-5, atol=1e-5)
+    y = mlp(X)
+    assert eager.lower.shape == y.shape and np.all(eager.lower <= y + 1e-5) and np.all(y <= eager.upper + 1e-5)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown", "crown-ibp", "forward"])
+def test_grad_through_bounds_matches_finite_differences(method):
+    def loss(w1):
+        b = jaxlirpa.bound(lambda x: mlp(x, w1), X, 0.05, method=method)
+        return jnp.sum(b.upper - b.lower) + jnp.sum(b.lower ** 2)
+
+    g = jax.jit(jax.grad(loss))(W1)
+    assert np.all(np.isfinite(g))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        d = jnp.asarray(rng.normal(size=W1.shape), jnp.float32)
+        h = 1e-3
+        fd = (loss(W1 + h * d) - loss(W1 - h * d)) / (2 * h)
+        np.testing.assert_allclose(jnp.vdot(g, d), fd, rtol=2e-2, atol=2e-2)
+
+
+def test_vmap_over_bound_and_eps_array():
+    eps = jnp.array([0.01, 0.2])[:, None]
+    b = jaxlirpa.bound(mlp, X, eps)
+    one = jaxlirpa.bound(mlp, X[:1], 0.01)
+    np.testing.assert_allclose(b.lower[:1], one.lower, rtol=1e-5)
+    stacked = jax.vmap(lambda x: jaxlirpa.bound(mlp, x, 0.1).lower)(jnp.stack([X, X]))
+    np.testing.assert_allclose(stacked[0], stacked[1])
+
+
+def test_margin_spec_rows():
+    C = jaxlirpa.margin_spec(jnp.array([0, 2]), 3)
+    np.testing.assert_array_equal(C[0], [[1, -1, 0], [1, 0, -1]])
+    np.testing.assert_array_equal(C[1], [[-1, 0, 1], [0, -1, 1]])
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown", "crown-ibp", "forward"])
+def test_spec_is_at_least_as_tight_as_bounding_outputs(method):
+    C = jaxlirpa.margin_spec(jnp.array([0, 1]), 3)
+    spec = jaxlirpa.bound(mlp, X, 0.1, method=method, spec=C)
+    plain = jaxlirpa.bound(mlp, X, 0.1, method=method)
+    naive = jnp.einsum("brk,bk->br", jnp.maximum(C, 0), plain.lower) + jnp.einsum("brk,bk->br", jnp.minimum(C, 0), plain.upper)
+    assert spec.lower.shape == (2, 2)
+    assert np.all(spec.lower >= naive - 1e-5)
+    assert np.all(spec.lower <= jnp.einsum("brk,bk->br", C, mlp(X)) + 1e-5)
+
+
+def test_bounds_is_a_pytree():
+    b = jaxlirpa.bound(mlp, X, 0.1)
+    assert len(jax.tree_util.tree_leaves(b)) == 2
+
+
+def test_flax_module_closure():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(4, (3, 3), strides=2)(x)
+            x = nn.relu(x)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+    x = jax.random.uniform(KEY, (2, 8, 8, 1))
+    params = Net().init(KEY, x)
+    fn = lambda x: Net().apply(params, x)
+    b = jaxlirpa.bound(fn, x, jaxlirpa.LinfBall(0.05, lower=0.0, upper=1.0), method="crown")
+    y = fn(x)
+    assert np.all(b.lower <= y + 1e-5) and np.all(y <= b.upper + 1e-5)
+
+
+def test_output_independent_of_input_is_exact():
+    b = jaxlirpa.bound(lambda x: jnp.zeros((x.shape[0], 3)) + 2.0, X, 0.1)
+    np.testing.assert_allclose(b.lower, 2.0)
+    np.testing.assert_allclose(b.upper, 2.0)
+
+
+# A user primitive and its rules, registered through the public API.
+double_p = jax.extend.core.Primitive("test_double")
+double_p.def_impl(lambda x: 2 * x)
+double_p.def_abstract_eval(lambda x: x)
+jax.interpreters.ad.deflinear2(double_p, lambda t, x: [2 * t])
+jax.interpreters.batching.defvectorized(double_p)
+jax.interpreters.mlir.register_lowering(double_p, jax.interpreters.mlir.lower_fun(lambda x: 2 * x, False))
+shifted_relu_p = jax.extend.core.Primitive("test_shifted_relu")
+shifted_relu_p.def_impl(lambda x: jnp.maximum(x, 1.0))
+shifted_relu_p.def_abstract_eval(lambda x: x)
+jax.interpreters.batching.defvectorized(shifted_relu_p)
+jax.interpreters.mlir.register_lowering(shifted_relu_p, jax.interpreters.mlir.lower_fun(lambda x: jnp.maximum(x, 1.0), False))
+
+
+class ShiftedRelu(jaxlirpa.ElementwiseRule):
+    _max = MaxWithConstant()
+
+    def image(self, l, u):
+        return self._max.image(l, u, 1.0)
+
+    def relax(self, l, u):
+        return self._max.relax(l, u, 1.0)
+
+
+def test_user_registered_rules():
+    with pytest.raises(jaxlirpa.UnsupportedPrimitiveError):
+        jaxlirpa.bound(lambda x: shifted_relu_p.bind(x @ W1), X, 0.1)
+    jaxlirpa.register_rule(double_p, jaxlirpa.LINEAR)
+    jaxlirpa.register_rule(shifted_relu_p, ShiftedRelu())
+    fn = lambda x: double_p.bind(shifted_relu_p.bind(x @ W1))
+    for method in ("ibp", "crown", "forward"):
+        b = jaxlirpa.bound(fn, X, 0.1, method=method)
+        pts = X + jax.random.uniform(KEY, (64, *X.shape), minval=-0.1, maxval=0.1)
+        ys = jax.vmap(fn)(pts)
+        assert np.all(b.lower <= ys.min(0) + 1e-5) and np.all(ys.max(0) <= b.upper + 1e-5)
+
+
+def test_sets_l1_l2_box_contain_samples():
+    for s in (jaxlirpa.L2Ball(0.3), jaxlirpa.L1Ball(0.3), jaxlirpa.Box(X - 0.2, X + 0.1),
+              jaxlirpa.LinfBall(jnp.full((1, 4), 0.1), lower=-1.4, upper=2.0)):
+        b = jaxlirpa.bound(mlp, X, s, method="crown")
+        lo, hi = s.region(X).interval()
+        pts = lo + (hi - lo) * jax.random.uniform(KEY, (256, *X.shape))
+        d = pts - X
+        if isinstance(s, (jaxlirpa.L2Ball, jaxlirpa.L1Ball)):
+            p = 2 if isinstance(s, jaxlirpa.L2Ball) else 1
+            n = jnp.linalg.norm(d, ord=p, axis=-1, keepdims=True)
+            pts = X + d * jnp.minimum(1.0, 0.3 / jnp.maximum(n, 1e-12))
+        ys = jax.vmap(mlp)(pts)
+        assert np.all(b.lower <= ys.min(0) + 1e-5) and np.all(ys.max(0) <= b.upper + 1e-5)
+
+
+def test_lax_conv_nchw_and_exact_linear():
+    W = jax.random.normal(KEY, (3, 2, 3, 3))
+    fn = lambda x: lax.conv_general_dilated(x, W, (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    x = jax.random.normal(KEY, (1, 2, 5, 5))
+    b = jaxlirpa.bound(fn, x, 0.1, method="crown")
+    i = jaxlirpa.bound(fn, x, 0.1, method="ibp")
+    np.testing.assert_allclose(b.lower, i.lower, rtol=1e-5, atol=1e-5)
+    y = fn(x)
+    rad = lax.conv_general_dilated(jnp.full_like(x, 0.1), jnp.abs(W), (1, 1), "VALID",
+                                   dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    np.testing.assert_allclose(b.lower, y - rad, rtol=1e-5, atol=1e-5)
