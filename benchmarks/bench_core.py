@@ -165,12 +165,13 @@ def _xla_bytes(compiled):
 
 def _time_calls(call, repeats: int, budget_s: float):
     """Warm-up call, then up to ``repeats`` timed calls (at least 3, or 1 if one call alone
-    exceeds the budget; stops early once ``budget_s`` is spent). Returns (times, cpu/wall)."""
-    t0 = time.perf_counter()
+    exceeds the budget; stops early once ``budget_s`` is spent).
+    Returns (times, process CPU time / wall time over them, warm-up seconds)."""
+    c0, t0 = time.process_time(), time.perf_counter()
     call()
     warm = time.perf_counter() - t0
     if warm > budget_s:
-        return [warm], None, warm
+        return [warm], (time.process_time() - c0) / warm, warm
     times, cpu, start = [], 0.0, time.perf_counter()
     while len(times) < repeats and (len(times) < min(3, repeats) or time.perf_counter() - start < budget_s):
         c, t = time.process_time(), time.perf_counter()

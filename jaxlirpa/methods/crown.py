@@ -12,16 +12,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlirpa.methods.context import Context
-from jaxlirpa.rules.base import Interval
+from jaxlirpa.rules.base import Interval, Perturbed
 
 
 def _add(a, b):
     return b if a is None else (a if b is None else a + b)
 
 
+IDENTITY = object()
+"""Stands for the identity rows of a variable until a rule needs them as an array."""
+
+
+def _identity_step(ctx: Context, eqn, ops):
+    """Pull identity rows through ``eqn`` by the rule's shortcut, if it has one."""
+    shortcut = getattr(ctx.rule(eqn), "pull_identity", None)
+    found = shortcut(eqn, ops) if shortcut is not None else None
+    if found is None:
+        return None
+    A, bias = found
+    A = IDENTITY if A is None else A
+    return [(A, A) if isinstance(o, Perturbed) else None for o in ops], bias, bias
+
+
 def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset()):
-    """Push ``lA``/``uA`` (shape ``(rows, *target.shape)``) back to the inputs, or to
-    the variables in ``stop``. Returns ``({var: (lA, uA)}, lower bias, upper bias)``."""
+    """Push ``lA``/``uA`` (shape ``(rows, *target.shape)``, or both ``IDENTITY``) back to
+    the inputs, or to the variables in ``stop``. Returns ``({var: (lA, uA)}, lower bias, upper bias)``."""
     pending = {target: (lA, uA)}
     lbias = ubias = 0.0
     for eqn in reversed(ctx.perturbed_eqns):
@@ -29,12 +44,26 @@ def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset()):
         if out not in pending or out in stop:
             continue
         A_l, A_u = pending.pop(out)
-        grads, lb, ub = ctx.rule(eqn).backward(eqn, ctx.operands(eqn, bounds), A_l, A_u)
+        ops = ctx.operands(eqn, bounds)
+        if A_l is IDENTITY:
+            step = _identity_step(ctx, eqn, ops)
+            if step is not None and not any(v in pending for v in eqn.inputs if ctx.graph.is_perturbed(v)):
+                grads, lb, ub = step
+                lbias, ubias = lbias + lb, ubias + ub
+                (v, g), = [(v, g) for v, g in zip(eqn.inputs, grads) if g is not None]
+                pending[v] = g
+                continue
+            A_l = A_u = identity_rows(ctx.graph.avals[out])
+        grads, lb, ub = ctx.rule(eqn).backward(eqn, ops, A_l, A_u)
         lbias, ubias = lbias + lb, ubias + ub
         for v, g in zip(eqn.inputs, grads):
             if g is not None:
                 old = pending.get(v, (None, None))
                 pending[v] = (_add(old[0], g[0]), _add(old[1], g[1]))
+    for v, (A_l, A_u) in list(pending.items()):
+        if A_l is IDENTITY:
+            eye = identity_rows(ctx.graph.avals[v])
+            pending[v] = (eye, eye)
     return pending, lbias, ubias
 
 
@@ -51,6 +80,7 @@ def backward(ctx: Context, target: int, lA, uA, bounds):
     return concretize(ctx, pending, lbias, ubias, lA is not None, uA is not None)
 
 
+
 def identity_rows(aval) -> jax.Array:
     n = int(np.prod(aval.shape))
     return jnp.eye(n, dtype=aval.dtype).reshape(n, *aval.shape)
@@ -59,8 +89,7 @@ def identity_rows(aval) -> jax.Array:
 def interval_of(ctx: Context, v: int, bounds) -> Interval:
     """CROWN bounds of every element of ``v``."""
     aval = ctx.graph.avals[v]
-    eye = identity_rows(aval)
-    lo, hi = backward(ctx, v, eye, eye, bounds)
+    lo, hi = backward(ctx, v, IDENTITY, IDENTITY, bounds)
     return Interval(lo.reshape(aval.shape), hi.reshape(aval.shape))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlirpa._compat import lax_primitives as P
 from jaxlirpa.rules.base import Interval, LinearBounds, Perturbed, Rule, register
@@ -97,6 +98,39 @@ class LinearRule(Rule):
         grads = [split(next(pulled)) if isinstance(o, Perturbed) else None for o in ops]
         lbias, ubias = split(bias)
         return grads, (0.0 if lbias is None else lbias), (0.0 if ubias is None else ubias)
+
+    def pull_identity(self, eqn, ops):
+        """Pull the identity rows of the output back without materialising them.
+
+        Returns ``(A, bias)`` for the one perturbed operand (``A`` is None when it
+        is still the identity), or None when there is no shortcut.
+        ``dot_general`` with a constant right operand gives its weight directly:
+        pulling an identity through it would be a wasted matmul with ``eye``.
+        """
+        (i, x), = [(i, o) for i, o in enumerate(ops) if isinstance(o, Perturbed)] or [(None, None)]
+        out = eqn.out_avals[0]
+        if i is None or len([o for o in ops if isinstance(o, Perturbed)]) != 1:
+            return None
+        if eqn.prim in (P.add_p, P.convert_element_type_p) or (eqn.prim is P.sub_p and i == 0):
+            if tuple(eqn.in_avals[i].shape) != tuple(out.shape):
+                return None
+            zero = jnp.zeros(eqn.in_avals[i].shape, eqn.in_avals[i].dtype)
+            return None, self.affine(eqn, ops)(zero).reshape(-1)
+        if eqn.prim is P.dot_general_p and i == 0:
+            (contract, rhs_contract), (batch, _) = eqn.params["dimension_numbers"]
+            if batch:
+                return None
+            W = ops[1]
+            x_shape = eqn.in_avals[0].shape
+            free = [d for d in range(len(x_shape)) if d not in contract]
+            w_free = [d for d in range(W.ndim) if d not in rhs_contract]
+            F = int(np.prod([x_shape[d] for d in free]))
+            Wm = jnp.transpose(W, list(rhs_contract) + w_free).reshape(-1, int(np.prod([W.shape[d] for d in w_free])))
+            J = jnp.einsum("fg,cj->fjgc", jnp.eye(F, dtype=Wm.dtype), Wm)  # rows (f, j), input (free, contract)
+            J = J.reshape(-1, *[x_shape[d] for d in free], *[x_shape[d] for d in contract])
+            A = jnp.transpose(J, [0] + [1 + k for k in np.argsort(free + list(contract))])
+            return A, jnp.zeros((A.shape[0],), A.dtype)
+        return None
 
     def forward(self, eqn, ops):
         xs = [o.linear for o in ops if isinstance(o, Perturbed)]
