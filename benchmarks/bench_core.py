@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -163,22 +164,26 @@ def _xla_bytes(compiled):
     return {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
 
 
-def _time_calls(call, repeats: int, budget_s: float):
-    """Warm-up call, then up to ``repeats`` timed calls (at least 3, or 1 if one call alone
-    exceeds the budget; stops early once ``budget_s`` is spent).
-    Returns (times, process CPU time / wall time over them, warm-up seconds)."""
+def _time_calls(call, repeats: int, budget_s: float) -> dict:
+    """Warm-up call, then up to ``repeats`` timed calls (at least 3, or only the warm-up call
+    if it alone exceeds the budget; stops early once ``budget_s`` is spent). Wall and process
+    CPU seconds per call: with one thread CPU time is close to the wall time an otherwise idle
+    core would give, so it stays comparable when the machine is shared."""
     c0, t0 = time.process_time(), time.perf_counter()
     call()
-    warm = time.perf_counter() - t0
+    warm, warm_cpu = time.perf_counter() - t0, time.process_time() - c0
+    times, cpus = [], []
     if warm > budget_s:
-        return [warm], (time.process_time() - c0) / warm, warm
-    times, cpu, start = [], 0.0, time.perf_counter()
+        times, cpus = [warm], [warm_cpu]
+    start = time.perf_counter()
     while len(times) < repeats and (len(times) < min(3, repeats) or time.perf_counter() - start < budget_s):
         c, t = time.process_time(), time.perf_counter()
         call()
         times.append(time.perf_counter() - t)
-        cpu += time.process_time() - c
-    return times, cpu / sum(times), warm
+        cpus.append(time.process_time() - c)
+    return {"times_s": times, "cpu_times_s": cpus, "median_s": float(statistics.median(times)), "min_s": min(times),
+            "median_cpu_s": float(statistics.median(cpus)), "cpu_per_wall": sum(cpus) / sum(times),
+            "first_call_s": warm}
 
 
 def child_jaxlirpa(cfg: dict) -> dict:
@@ -224,10 +229,8 @@ def child_jaxlirpa(cfg: dict) -> dict:
         return rec
 
     _emit(phase="run")
-    times, cpu_ratio, warm = _time_calls(lambda: jax.block_until_ready(compiled(params, x)),
-                                         cfg["repeats"], cfg["budget_s"])
-    rec.update(times_s=times, median_s=float(np.median(times)), min_s=float(np.min(times)),
-               first_call_s=warm, cpu_per_wall=cpu_ratio, rss_run_mb=_maxrss_mb() - rss0)
+    rec.update(_time_calls(lambda: jax.block_until_ready(compiled(params, x)), cfg["repeats"], cfg["budget_s"]))
+    rec["rss_run_mb"] = _maxrss_mb() - rss0
     b = compiled(params, x)
     rec["finite"] = bool(np.isfinite(np.asarray(b.lower)).all() and np.isfinite(np.asarray(b.upper)).all())
     rec["mean_width"] = float(np.mean(np.asarray(b.upper) - np.asarray(b.lower)))
@@ -235,9 +238,9 @@ def child_jaxlirpa(cfg: dict) -> dict:
     if cfg["api"] and rec["median_s"] < cfg["api_max_s"]:
         _emit(phase="api")
         f = functools.partial(apply, params)
-        api_times, _, _ = _time_calls(lambda: jax.block_until_ready(jaxlirpa.bound(f, x, eps, method=method)),
-                                      min(3, cfg["repeats"]), cfg["budget_s"])
-        rec["api_median_s"] = float(np.median(api_times))
+        api = _time_calls(lambda: jax.block_until_ready(jaxlirpa.bound(f, x, eps, method=method)),
+                          min(3, cfg["repeats"]), cfg["budget_s"])
+        rec["api_median_s"] = api["median_s"]
     rec["rss_peak_mb"] = _maxrss_mb()
     rec["rss_base_mb"] = rss0
     rec["matmul"] = child_matmul(cfg)  # after the RSS reading: same process, same moment, same threads
@@ -283,10 +286,8 @@ def child_autolirpa(cfg: dict) -> dict:
     _emit(phase="run")
     method = AUTO_LIRPA_METHOD[cfg["method"]]
     with torch.no_grad():
-        times, cpu_ratio, warm = _time_calls(lambda: model.compute_bounds(x=(bx,), method=method),
-                                             cfg["repeats"], cfg["budget_s"])
-    rec.update(times_s=times, median_s=float(np.median(times)), min_s=float(np.min(times)), first_call_s=warm,
-               cpu_per_wall=cpu_ratio, rss_peak_mb=_maxrss_mb(), status="ok")
+        rec.update(_time_calls(lambda: model.compute_bounds(x=(bx,), method=method), cfg["repeats"], cfg["budget_s"]))
+    rec.update(rss_peak_mb=_maxrss_mb(), status="ok")
     return rec
 
 
@@ -299,8 +300,8 @@ def child_matmul(cfg: dict) -> dict:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-    times, cpu_ratio, _ = _time_calls(lambda: jax.block_until_ready(compiled(a, b)), 5, 10.0)
-    return {"n": n, "min_s": min(times), "gflops": 2 * n**3 / min(times) / 1e9, "cpu_per_wall": cpu_ratio,
+    t = _time_calls(lambda: jax.block_until_ready(compiled(a, b)), 5, 10.0)
+    return {"n": n, "min_s": t["min_s"], "gflops": 2 * n**3 / t["min_s"] / 1e9, "cpu_per_wall": t["cpu_per_wall"],
             "status": "ok"}
 
 
@@ -383,18 +384,19 @@ def run_child(cfg: dict, args) -> dict:
 
 
 def _stored_autolirpa(model: str, method: str, mlp_eps: str):
-    """(median seconds, exact?) from the oracle manifest, or (None, False)."""
+    """(median wall s, median CPU s, exact?) from the oracle manifest, or (None, None, False)."""
     case = MODELS[model][3]
     exact = case is not None
     if case is None:
         case = NEAREST_STORED.get(model)
         if case is None or Fraction(mlp_eps) != Fraction(1, 255):
-            return None, False
+            return None, None, False
     try:
         entry = json.loads(ORACLE_MANIFEST.read_text())["cases"][case]["specs"]["linf"]["methods"]
-        return float(entry[AUTO_LIRPA_METHOD[method]]["median_time_s"]), exact
+        entry = entry[AUTO_LIRPA_METHOD[method]]
+        return float(entry["median_time_s"]), entry.get("median_cpu_time_s"), exact
     except (OSError, KeyError):
-        return None, False
+        return None, None, False
 
 
 def _fmt(v, spec, missing="-"):
@@ -402,31 +404,30 @@ def _fmt(v, spec, missing="-"):
 
 
 def _row_cells(r: dict, fallback_mm: float) -> tuple[list[str], str | None]:
-    j, a = r["jaxlirpa"], r.get("auto_LiRPA_s")
+    j, a, a_cpu = r["jaxlirpa"], r.get("auto_LiRPA_s"), r.get("auto_LiRPA_cpu_s")
     ok = j.get("status") == "ok"
-    med = j.get("median_s") if ok else None
+    med, cpu = (j["median_s"], j["median_cpu_s"]) if ok else (None, None)
     flops = j.get("flops")
     rate = flops / med / 1e9 if flops and med else None
     mm = (j.get("matmul") or {}).get("gflops") or fallback_mm
     xb = j.get("xla_bytes")
     xla_mb = sum(xb[k] for k in ("argument", "output", "temp")) / 2**20 if xb else None
     rss = j.get("rss_peak_mb", 0) - j["rss_base_mb"] if ok else j.get("rss_compile_mb")
-    ratio = med / a if med and a else None
     mark = "" if r.get("auto_LiRPA_exact", True) else "~"
     ms = lambda v: None if v is None else v * 1e3
+    ratio = lambda t, ref: mark + format(t / ref, ".2f") if t and ref else "-"
     cells = [r["model"], r["method"], _fmt(j.get("trace_s"), ".2f"), _fmt(j.get("compile_s"), ".2f"),
-             _fmt(ms(med), ".2f"), _fmt(ms(j["min_s"]) if ok else None, ".2f"),
-             _fmt(j["cpu_per_wall"] * 100 if ok and j.get("cpu_per_wall") else None, ".0f"),
+             _fmt(ms(med), ".2f"), _fmt(ms(j["min_s"]) if ok else None, ".2f"), _fmt(ms(cpu), ".2f"),
              _fmt(ms(j.get("api_median_s")), ".1f"), _fmt(flops and flops / 1e9, ".2f"), _fmt(rate, ".1f"),
              _fmt(mm if ok else None, ".0f"), _fmt(rate and 100 * rate / mm, ".0f"), _fmt(xla_mb, ".0f"),
-             _fmt(rss, ".0f"), (mark + format(a * 1e3, ".2f")) if a else "-",
-             (mark + format(ratio, ".2f")) if ratio else "-"]
+             _fmt(rss, ".0f"), (mark + format(a * 1e3, ".2f")) if a else "-", ratio(med, a), ratio(cpu, a_cpu)]
     return cells, None if ok else j.get("status")
 
 
 COLUMNS = [("model", "<13"), ("method", "<9"), ("trace s", ">7"), ("compile s", ">9"), ("median ms", ">10"),
-           ("min ms", ">10"), ("cpu%", ">4"), ("api ms", ">8"), ("GFLOP", ">7"), ("GFLOP/s", ">7"),
-           ("mm", ">4"), ("%mm", ">4"), ("XLA MB", ">6"), ("RSS MB", ">6"), ("aL ms", ">9"), ("t/t_aL", ">6")]
+           ("min ms", ">10"), ("cpu ms", ">10"), ("api ms", ">7"), ("GFLOP", ">7"), ("GFLOP/s", ">7"),
+           ("mm", ">3"), ("%mm", ">3"), ("XLA MB", ">6"), ("RSS MB", ">6"), ("aL ms", ">9"), ("t/t_aL", ">6"),
+           ("c/c_aL", ">6")]
 
 
 def print_table(rows: list[dict], fallback_mm: float, live_autolirpa: bool) -> None:
@@ -441,7 +442,8 @@ def print_table(rows: list[dict], fallback_mm: float, live_autolirpa: bool) -> N
     print(f"""
 trace s   = jax tracing + lowering (jit(...).lower); compile s = XLA compile (lowered.compile()).
 median/min ms = steady-state calls of the compiled bound (block_until_ready), after one warm-up call.
-cpu%      = process CPU time / wall time during those calls (< 100 with 1 thread: the core was shared).
+cpu ms    = median process CPU time per call; with 1 thread, well below the wall time means the core was
+            shared with other work (the wall times are then inflated; CPU times much less so).
 api ms    = un-jitted jaxlirpa.bound(...) (re-traces fn on every call); '-' = not timed (call > 2 s).
 GFLOP     = XLA cost_analysis flops of the compiled bound; GFLOP/s = GFLOP / median.
 mm, %mm   = GFLOP/s of a {MATMUL_N}^3 float32 matmul timed in the same process just after, and GFLOP/s / mm.
@@ -450,11 +452,12 @@ RSS MB    = growth of peak RSS (ru_maxrss) of the fresh per-config process over 
             (includes compilation and the api call's own compile).""")
     if live_autolirpa:
         print("aL ms     = auto_LiRPA timed live in this run on the same weights and input; "
-              "t/t_aL = median / aL ms (< 1: jaxlirpa faster).")
+              "t/t_aL = median / aL ms (< 1: jaxlirpa faster);\n            c/c_aL = the same ratio of CPU times.")
     else:
         print("aL ms     = auto_LiRPA 0.7.1 median_time_s from ../shared/oracle/manifest.json "
               "(stored auto_LiRPA times, same kind of machine, 1 torch thread);\n"
-              "            t/t_aL = median / aL ms (< 1: jaxlirpa faster). '~': nearest stored case, same shapes and "
+              "            t/t_aL = median / aL ms (< 1: jaxlirpa faster); c/c_aL = the same ratio of median CPU times "
+              "(stored too).\n            '~': nearest stored case, same shapes and "
               "eps but other weights\n            (auto_LiRPA's CROWN cost depends on how many neurons are unstable).")
 
 
@@ -520,7 +523,13 @@ def main(argv=None) -> None:
                                      capture_output=True, text=True, timeout=120).stdout.strip()
     except subprocess.TimeoutExpired:
         pass
-    print(f"bench_core: jax {meta.get('jax')}, {meta['cpus']} CPUs, threads={args.threads}, "
+    try:  # read-only: which code was measured
+        git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30).stdout
+        meta["commit"] = git("rev-parse", "--short", "HEAD").strip() + (
+            "+dirty" if git("status", "--porcelain", "--untracked-files=no", "jaxlirpa").strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        meta["commit"] = None
+    print(f"bench_core: jaxlirpa {meta['commit']}, jax {meta.get('jax')}, {meta['cpus']} CPUs, threads={args.threads}, "
           f"loadavg {meta['loadavg_start'][0]:.2f}, mem limit {mem_limit:.1f} GB, auto_LiRPA {meta['auto_LiRPA']}",
           flush=True)
 
@@ -534,9 +543,12 @@ def main(argv=None) -> None:
             j = row["jaxlirpa"]
             if live:
                 row["auto_LiRPA"] = run_child({**cfg, "kind": "auto_LiRPA"}, args)
-                row["auto_LiRPA_s"], row["auto_LiRPA_exact"] = row["auto_LiRPA"].get("median_s"), True
+                a = row["auto_LiRPA"]
+                row["auto_LiRPA_s"], row["auto_LiRPA_cpu_s"], row["auto_LiRPA_exact"] = (
+                    a.get("median_s"), a.get("median_cpu_s"), True)
             else:
-                row["auto_LiRPA_s"], row["auto_LiRPA_exact"] = _stored_autolirpa(model, method, args.mlp_eps)
+                row["auto_LiRPA_s"], row["auto_LiRPA_cpu_s"], row["auto_LiRPA_exact"] = _stored_autolirpa(
+                    model, method, args.mlp_eps)
             print(f"  {model:<13} {method:<9} {j.get('status')}: compile {_fmt(j.get('compile_s'), '.2f')} s, "
                   f"median {_fmt(j.get('median_s') and j['median_s'] * 1e3, '.2f')} ms "
                   f"({len(j.get('times_s', []))} calls, {j['wall_s']:.0f} s)", flush=True)

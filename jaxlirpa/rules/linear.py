@@ -107,10 +107,10 @@ class LinearRule(Rule):
         ``dot_general`` with a constant right operand gives its weight directly:
         pulling an identity through it would be a wasted matmul with ``eye``.
         """
-        (i, x), = [(i, o) for i, o in enumerate(ops) if isinstance(o, Perturbed)] or [(None, None)]
-        out = eqn.out_avals[0]
-        if i is None or len([o for o in ops if isinstance(o, Perturbed)]) != 1:
+        perturbed = [i for i, o in enumerate(ops) if isinstance(o, Perturbed)]
+        if len(perturbed) != 1:
             return None
+        i, out = perturbed[0], eqn.out_avals[0]
         if eqn.prim in (P.add_p, P.convert_element_type_p) or (eqn.prim is P.sub_p and i == 0):
             if tuple(eqn.in_avals[i].shape) != tuple(out.shape):
                 return None
