@@ -213,3 +213,25 @@ def test_lax_conv_nchw_and_exact_linear():
     rad = lax.conv_general_dilated(jnp.full_like(x, 0.1), jnp.abs(W), (1, 1), "VALID",
                                    dimension_numbers=("NCHW", "OIHW", "NCHW"))
     np.testing.assert_allclose(b.lower, y - rad, rtol=1e-5, atol=1e-5)
+
+
+@jax.custom_vjp
+def _custom_relu(x):
+    return jnp.maximum(x, 0.0)
+
+
+_custom_relu.defvjp(lambda x: (_custom_relu(x), x), lambda x, g: (g * (x > 0),))
+
+
+@pytest.mark.parametrize("wrap", ["jit", "custom_vjp", "remat", "nested_jit"])
+def test_calls_are_inlined(wrap):
+    inner = {
+        "jit": jax.jit(jax.nn.relu),
+        "custom_vjp": _custom_relu,
+        "remat": jax.checkpoint(jax.nn.relu),
+        "nested_jit": jax.jit(lambda h: jax.jit(jax.nn.relu)(h) + 0.0),
+    }[wrap]
+    fn = lambda x: inner(x @ W1) @ W2
+    for method in ("ibp", "crown"):
+        np.testing.assert_allclose(jaxlirpa.bound(fn, X, 0.1, method=method).lower,
+                                   jaxlirpa.bound(mlp, X, 0.1, method=method).lower, rtol=1e-5, atol=1e-5)
