@@ -45,13 +45,21 @@ def _per_example_norm(v, ord_):
     return jnp.sum(jnp.abs(v), axes, keepdims=True)
 
 
-def _uniforms(key, n: int, shape) -> jax.Array:
-    """The randomness of :func:`_points`: ``(n, *shape[:1], 2 * dim + 1)`` uniforms in (0, 1).
+def _host_rng(key) -> np.random.Generator:
+    """A numpy generator seeded by a (concrete) JAX PRNG key."""
+    key = jax.random.key(0) if key is None else key
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # a raw uint32 key
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
 
-    One draw, made outside the jitted checkers so that they compile no PRNG
-    (a threefry kernel costs XLA's CPU compiler about a second per program)."""
+
+def _uniforms(rng: np.random.Generator, n: int, shape) -> np.ndarray:
+    """The randomness of :func:`_points`: ``(n, shape[0], 2 * dim + 1)`` uniforms in (0, 1).
+
+    Drawn on the host: a JAX PRNG kernel would cost XLA's CPU compiler about a
+    second for every new shape, far more than the checks themselves."""
     dim = math.prod(shape[1:])
-    return jax.random.uniform(key, (n, shape[0], 2 * dim + 1), jnp.float32, 1e-7, 1.0 - 1e-7)
+    return rng.uniform(1e-7, 1.0 - 1e-7, (n, shape[0], 2 * dim + 1)).astype(np.float32)
 
 
 def _points(region: Region, u):
@@ -96,7 +104,8 @@ def sample_points(region_or_set, x, key, n: int) -> jax.Array:
     its boundary: box vertices (``LinfBall``, ``Box``), sphere points (``L2Ball``)
     or cross-polytope vertices (``L1Ball``). All are clipped to the set's domain
     ``[lower, upper]``. ``region_or_set`` is a set, a radius, or a ``Region``;
-    ``key`` a PRNG key (``None`` means ``jax.random.key(0)``).
+    ``key`` a concrete PRNG key that seeds the draw (``None`` means ``jax.random.key(0)``);
+    the points themselves are computed by a jitted function.
 
     Example::
 
@@ -105,9 +114,8 @@ def sample_points(region_or_set, x, key, n: int) -> jax.Array:
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}.")
-    key = jax.random.key(0) if key is None else key
     region = _region(region_or_set, x)
-    return _points_jit(region, _uniforms(key, int(n), region.lo.shape))
+    return _points_jit(region, _uniforms(_host_rng(key), int(n), region.lo.shape))
 
 
 # ------------------------------------------------------------------ attacks
@@ -154,7 +162,9 @@ def _attack(run, region: Region, dirs, keys, steps: int):
         objective = lambda d: run(to_x(d)) @ c  # unit ball in d = (x' - x) / eps
         zeros = jnp.zeros_like(region.center)
         if region.p == 2:
-            return to_x(pgd(objective, zeros, 1.0, norm=2, steps=steps, key=k))
+            # From the centre: a random start on the sphere barely moves along it in
+            # ``steps`` steps of 2.5 / steps (the angle to the optimum shrinks by e^-2.5).
+            return to_x(pgd(objective, zeros, 1.0, norm=2, steps=steps, random_start=False))
         return to_x(_frank_wolfe_l1(objective, zeros, steps))
 
     return jax.vmap(one)(dirs, keys)
@@ -234,9 +244,10 @@ def assert_sound(fn, x, eps_or_set, *, method: str = "crown", spec=None, n_sampl
       ``attack_steps`` steps on each output coordinate (a random subset of
       ``max_coords`` of them when there are more) and on their sum.
       ``LinfBall`` and ``Box`` (boxes, the clipped ball included) use
-      :func:`jaxlirpa.attacks.pgd`; ``L2Ball`` runs ``pgd`` on
-      ``(x' - x) / eps`` in the unit ball; ``L1Ball`` uses Frank-Wolfe steps
-      (towards the best vertex of the cross-polytope), which never leave it.
+      :func:`jaxlirpa.attacks.pgd` from a random start; ``L2Ball`` runs ``pgd``
+      on ``(x' - x) / eps`` in the unit ball from the centre; ``L1Ball`` uses
+      Frank-Wolfe steps (towards the best vertex of the cross-polytope), which
+      never leave it. Points are clipped to the domain of a clipped ball.
 
     Points that fall outside the set (possible only when ``x`` lies outside
     ``[lower, upper]`` of a clipped ball) and non-finite values of ``fn`` are
@@ -257,12 +268,10 @@ def assert_sound(fn, x, eps_or_set, *, method: str = "crown", spec=None, n_sampl
     lower, upper = (jnp.reshape(b, (batch, -1)) for b in (bounds.lower, bounds.upper))
     C = None if spec is None else jnp.asarray(spec, lower.dtype)
     out_size = lower.shape[1]
-    key = jax.random.key(0) if key is None else key
-    k_pts, k_rest = jax.random.split(key)
-    u = _uniforms(k_pts, int(n_samples), x.shape)
-    # The attack's randomness also comes from outside the jitted checker: a host
-    # generator seeded by the key picks the coordinates and the PGD start keys.
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(k_rest)).ravel().tolist())
+    # All randomness is drawn on the host from the key (see _uniforms): the sample
+    # points, the attacked coordinates and the keys of PGD's random starts.
+    rng = _host_rng(key)
+    u = _uniforms(rng, int(n_samples), x.shape)
     idx = np.sort(rng.permutation(out_size)[:max_coords]) if out_size > max_coords else np.arange(out_size)
     keys = jax.random.wrap_key_data(rng.integers(0, 2**32, (2 * len(idx) + 2, 4), dtype=np.uint32),
                                     impl="unsafe_rbg")

@@ -53,17 +53,17 @@ def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset()):
                 (v, g), = [(v, g) for v, g in zip(eqn.inputs, grads) if g is not None]
                 pending[v] = g
                 continue
-            A_l = A_u = identity_rows(ctx.graph.avals[out])
+            A_l = A_u = identity_rows(ctx.graph.avals[out])  # one array: linear rules pull it once
         grads, lb, ub = ctx.rule(eqn).backward(eqn, ops, A_l, A_u)
         lbias, ubias = lbias + lb, ubias + ub
         for v, g in zip(eqn.inputs, grads):
             if g is not None:
-                old = pending.get(v, (None, None))
-                pending[v] = (_add(old[0], g[0]), _add(old[1], g[1]))
+                old = pending.get(v)
+                pending[v] = g if old is None else (_add(old[0], g[0]), _add(old[1], g[1]))
     for v, (A_l, A_u) in list(pending.items()):
         if A_l is IDENTITY:
             eye = identity_rows(ctx.graph.avals[v])
-            pending[v] = (eye, eye)
+            pending[v] = (eye, eye)  # the same array twice: linear rules pull it once
     return pending, lbias, ubias
 
 

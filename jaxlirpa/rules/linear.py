@@ -88,6 +88,12 @@ class LinearRule(Rule):
     def backward(self, eqn, ops, lA, uA):
         zeros = [jnp.zeros(a.shape, a.dtype) for a in _perturbed_avals(eqn, ops)]
         y0, pullback = jax.vjp(self.affine(eqn, ops), *zeros)
+        if lA is uA:  # identical lower and upper rows (an identity start): pull once
+            pulled = jax.vmap(pullback)(lA)
+            bias = jnp.sum(lA * y0, axis=tuple(range(1, lA.ndim)))
+            pulled = iter(pulled)
+            return [(g, g) if isinstance(o, Perturbed) else None for o, g in
+                    ((o, next(pulled) if isinstance(o, Perturbed) else None) for o in ops)], bias, bias
         As = [A for A in (lA, uA) if A is not None]
         stacked = jnp.concatenate(As) if len(As) > 1 else As[0]
         pulled = jax.vmap(pullback)(stacked)

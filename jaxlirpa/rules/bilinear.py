@@ -1,0 +1,205 @@
+"""Products of two perturbed tensors: ``x * y`` (``mul``) and ``dot_general``
+(attention's ``Q K^T``, ``softmax(.) V``, Gram matrices).
+
+Both are bilinear maps ``z = D(x, y)``: every output element is a sum of
+products ``x_i * y_j``. Each product gets auto_LiRPA's ``BoundMul`` relaxation
+(McCormick, the planes of ``MulHelper.interpolated_relaxation`` without alphas)
+on ``x in [xl, xu]``, ``y in [yl, yu]``::
+
+    yl * x + xl * y - xl * yl  <=  x * y  <=  yu * x + xl * y - xl * yu
+
+and since ``D`` is bilinear, summing these planes over the products of one
+output element gives planes of ``z`` that are ``D`` itself again::
+
+    D(x, yl) + D(xl, y) - D(xl, yl)  <=  z  <=  D(x, yu) + D(xl, y) - D(xl, yu)
+
+So CROWN and forward mode run through the primitive (its VJP/JVP), never
+materialising the ``(rows, out, K)`` tensor of single products. For the same
+variable twice (``x * x``) both planes stay valid (tangent at ``xl`` below,
+chord above), as in auto_LiRPA. IBP takes the exact range of every single
+product (min/max of its four corners; ``[0 or min(l^2, u^2), max(l^2, u^2)]``
+for ``x * x``), summed over the contraction for ``dot_general``.
+
+The registry holds one rule per primitive, so ``mul`` and ``dot_general`` get
+:class:`ByPerturbation`: the generic linear rule when one operand is
+perturbed, :class:`Product` when both are.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxlirpa._compat import lax_primitives as P
+from jaxlirpa.rules.base import RULES, Interval, LinearBounds, Perturbed, Rule, _pos_neg, _rowsum, register
+from jaxlirpa.rules.linear import LinearRule
+
+
+def _bind(eqn, a, b):
+    out = eqn.prim.bind(a, b, **eqn.params)
+    return out.astype(eqn.out_avals[0].dtype)
+
+
+def _pull(f, aval, A):
+    """``A @ L`` for the linear map ``f`` on ``aval``-shaped inputs: its VJP, vmapped over rows."""
+    _, vjp = jax.vjp(f, jnp.zeros(aval.shape, aval.dtype))
+    return jax.vmap(lambda a: vjp(a)[0])(A)
+
+
+def _push(f, W):
+    """``f`` (linear) applied to each row of ``W`` (shape ``(n, *input shape)``)."""
+    return jax.vmap(f)(W)
+
+
+class Product(Rule):
+    """``z = D(x, y)`` for the bilinear ``mul`` or ``dot_general``, both operands perturbed."""
+
+    needs_bounds = True
+
+    def accepts(self, eqn, perturbed):
+        return (len(perturbed) == 2 and all(perturbed)
+                and jnp.issubdtype(eqn.out_avals[0].dtype, jnp.floating))
+
+    # ------------------------------------------------------------------ IBP
+
+    def interval(self, eqn, ops):
+        (xl, xu), (yl, yu) = ops[0].interval, ops[1].interval
+        shape, dtype = eqn.out_avals[0].shape, eqn.out_avals[0].dtype
+        if eqn.prim is P.dot_general_p:
+            xl, xu, yl, yu = _product_layout(eqn, xl, xu, yl, yu)
+        if eqn.prim is P.mul_p and _same_variable(eqn):
+            lo = jnp.clip(0, xl, xu)  # the point of [xl, xu] nearest to 0
+            lo, hi = lo * lo, jnp.maximum(xl * xl, xu * xu)
+        else:
+            corners = (xl * yl, xl * yu, xu * yl, xu * yu)
+            lo = jnp.minimum(jnp.minimum(corners[0], corners[1]), jnp.minimum(corners[2], corners[3]))
+            hi = jnp.maximum(jnp.maximum(corners[0], corners[1]), jnp.maximum(corners[2], corners[3]))
+        if eqn.prim is P.dot_general_p:
+            lo, hi = jnp.sum(lo, -1), jnp.sum(hi, -1)
+        lo, hi = (jnp.broadcast_to(t, shape) if eqn.prim is P.mul_p else t.reshape(shape) for t in (lo, hi))
+        return Interval(lo.astype(dtype), hi.astype(dtype))
+
+    # ----------------------------------------------------------------- CROWN
+
+    def _planes(self, eqn, ops):
+        (xl, _), (yl, yu) = ops[0].interval, ops[1].interval
+        D = lambda a, b: _bind(eqn, a, b)
+        return D, xl, yl, yu
+
+    def backward(self, eqn, ops, lA, uA):
+        D, xl, yl, yu = self._planes(eqn, ops)
+        x_aval, y_aval = eqn.in_avals
+        through_yl = lambda A: _pull(lambda x: D(x, yl), x_aval, A)  # A -> A @ d D(x, yl) / dx
+        through_yu = lambda A: _pull(lambda x: D(x, yu), x_aval, A)
+        through_xl = lambda A: _pull(lambda y: D(xl, y), y_aval, A)
+        G_l, G_u = D(xl, yl), D(xl, yu)  # the planes' constant terms, negated
+        rows = lambda A: 0 if A is None else A.shape[0]
+        nl, nu = rows(lA), rows(uA)
+        zero = lambda A: jnp.zeros((0,) + A.shape[1:], A.dtype)
+        ref = lA if lA is not None else uA
+        lpos, lneg = _pos_neg(lA) if lA is not None else (zero(ref), zero(ref))
+        upos, uneg = _pos_neg(uA) if uA is not None else (zero(ref), zero(ref))
+        # Lower bounds: A+ takes the lower plane (slope yl on x), A- the upper (yu);
+        # upper bounds the reverse. Both planes have slope xl on y: no sign split there.
+        on_yl = through_yl(jnp.concatenate([lpos, uneg]))
+        on_yu = through_yu(jnp.concatenate([lneg, upos]))
+        on_xl = through_xl(jnp.concatenate([lpos + lneg, upos + uneg]))
+        lA_x, uA_x = on_yl[:nl] + on_yu[:nl], on_yl[nl:] + on_yu[nl:]
+        lA_y, uA_y = on_xl[:nl], on_xl[nl:]
+        lbias = -_rowsum(lpos * G_l + lneg * G_u) if lA is not None else 0.0
+        ubias = -_rowsum(upos * G_u + uneg * G_l) if uA is not None else 0.0
+        keep = lambda t, A: None if A is None else t
+        grads = [(keep(lA_x, lA), keep(uA_x, uA)), (keep(lA_y, lA), keep(uA_y, uA))]
+        return grads, lbias, ubias
+
+    # --------------------------------------------------------------- forward
+
+    def forward(self, eqn, ops):
+        D, xl, yl, yu = self._planes(eqn, ops)
+        x, y = ops[0].linear, ops[1].linear
+        ylp, yln = _pos_neg(yl)
+        yup, yun = _pos_neg(yu)
+        xlp, xln = _pos_neg(xl)
+        on_x = lambda W, c: _push(lambda w: D(w, c), W)
+        on_y = lambda c, W: _push(lambda w: D(c, w), W)
+        # z >= D(x, yl) + D(xl, y) - D(xl, yl), each term bounded below by the
+        # sign of its coefficients; z <= D(x, yu) + D(xl, y) - D(xl, yu) likewise.
+        lw = on_x(x.lw, ylp) + on_x(x.uw, yln) + on_y(xlp, y.lw) + on_y(xln, y.uw)
+        uw = on_x(x.uw, yup) + on_x(x.lw, yun) + on_y(xlp, y.uw) + on_y(xln, y.lw)
+        lb = D(x.lb, ylp) + D(x.ub, yln) + D(xlp, y.lb) + D(xln, y.ub) - D(xl, yl)
+        ub = D(x.ub, yup) + D(x.lb, yun) + D(xlp, y.ub) + D(xln, y.lb) - D(xl, yu)
+        return LinearBounds(lw, lb, uw, ub)
+
+
+def _same_variable(eqn) -> bool:
+    a, b = eqn.inputs
+    return isinstance(a, int) and a == b
+
+
+def _product_layout(eqn, xl, xu, yl, yu):
+    """``dot_general`` operands laid out as ``(batch..., F, 1, K)`` and ``(batch..., 1, G, K)``:
+    their elementwise products are the single products, ``(batch..., F, G, K)``; summed
+    over ``K`` and reshaped they give ``dot_general``'s ``(batch, lhs free, rhs free)`` output."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    nx, ny = len(eqn.in_avals[0].shape), len(eqn.in_avals[1].shape)
+    lf = [d for d in range(nx) if d not in lc and d not in lb]
+    rf = [d for d in range(ny) if d not in rc and d not in rb]
+    bshape = tuple(eqn.in_avals[0].shape[d] for d in lb)
+    F = math.prod(eqn.in_avals[0].shape[d] for d in lf)
+    G = math.prod(eqn.in_avals[1].shape[d] for d in rf)
+    K = math.prod(eqn.in_avals[0].shape[d] for d in lc)
+    lhs = lambda t: jnp.transpose(t, list(lb) + lf + list(lc)).reshape(*bshape, F, 1, K)
+    rhs = lambda t: jnp.transpose(t, list(rb) + rf + list(rc)).reshape(*bshape, 1, G, K)
+    return lhs(xl), lhs(xu), rhs(yl), rhs(yu)
+
+
+class ByPerturbation(Rule):
+    """One registry entry, two rules: ``linear`` when one operand is perturbed,
+    ``product`` when both are. Every method delegates by the operands it is given;
+    :meth:`resolve` names the rule for an equation, for a core that asks.
+
+    ``needs_bounds`` is True for both cases (the registry gives no per-equation
+    answer): reading bounds for a linear product is sound, only extra work."""
+
+    needs_bounds = True
+
+    def __init__(self, linear: Rule, product: Rule):
+        self.linear, self.product = linear, product
+
+    def accepts(self, eqn, perturbed):
+        return self.linear.accepts(eqn, perturbed) or self.product.accepts(eqn, perturbed)
+
+    def resolve(self, eqn, perturbed) -> Rule:
+        return self.product if self.product.accepts(eqn, perturbed) else self.linear
+
+    def _pick(self, ops) -> Rule:
+        both = sum(isinstance(o, Perturbed) for o in ops) == 2
+        return self.product if both else self.linear
+
+    def interval(self, eqn, ops):
+        return self._pick(ops).interval(eqn, ops)
+
+    def backward(self, eqn, ops, lA, uA):
+        return self._pick(ops).backward(eqn, ops, lA, uA)
+
+    def forward(self, eqn, ops):
+        return self._pick(ops).forward(eqn, ops)
+
+    def pull_identity(self, eqn, ops):
+        rule = self._pick(ops)
+        shortcut = getattr(rule, "pull_identity", None)
+        return None if shortcut is None else shortcut(eqn, ops)
+
+
+PRODUCT = Product()
+
+
+def _install(prim):
+    current = RULES.get(prim)
+    linear = current.linear if isinstance(current, ByPerturbation) else (current or LinearRule(single=True))
+    register(ByPerturbation(linear, PRODUCT), prim)
+
+
+_install(P.mul_p)
+_install(P.dot_general_p)
