@@ -1,6 +1,7 @@
 """jaxlirpa: provable bounds on the outputs of JAX functions (IBP, CROWN, forward LiRPA, CROWN-IBP)."""
 from jaxlirpa import rules as _rules  # noqa: F401  (registers the built-in rules)
 from jaxlirpa.api import Bounds, bound, margin_spec
+from jaxlirpa.methods.alpha_crown import AlphaOptions
 from jaxlirpa.rules.base import ElementwiseRule, Relaxation, Rule, UnsupportedPrimitiveError
 from jaxlirpa.rules.base import register as _register
 from jaxlirpa.rules.linear import LINEAR
@@ -15,6 +16,6 @@ def register_rule(primitive, rule: Rule) -> None:
 
 
 __all__ = [
-    "Bounds", "Box", "ElementwiseRule", "L1Ball", "L2Ball", "LINEAR", "LinfBall", "Relaxation", "Rule",
+    "AlphaOptions", "Bounds", "Box", "ElementwiseRule", "L1Ball", "L2Ball", "LINEAR", "LinfBall", "Relaxation", "Rule",
     "UnsupportedPrimitiveError", "bound", "margin_spec", "register_rule",
 ]

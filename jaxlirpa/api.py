@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlirpa import graph as graph_lib
-from jaxlirpa.methods import METHODS, bound_flat
+from jaxlirpa.methods import METHODS, AlphaOptions, bound_flat
 from jaxlirpa.methods.context import Context
 from jaxlirpa.rules.base import lookup
 from jaxlirpa.sets import Region, as_set
@@ -27,6 +27,8 @@ class Bounds:
 
     lower: jax.Array
     upper: jax.Array
+    alphas: Any = None
+    """alpha-CROWN's optimised slopes (per example), to warm-start a later call."""
 
 
 def _check_method(method: str) -> str:
@@ -77,19 +79,19 @@ _CACHE: collections.OrderedDict = collections.OrderedDict()
 _CACHE_SIZE = 64
 
 
-def _compiled(graph, method: str, spec_batched: bool | None):
+def _compiled(graph, method: str, spec_batched: bool | None, alpha: AlphaOptions | None, warm: bool):
     """A jitted, batch-vmapped bound computation for this graph structure."""
-    key = (graph.signature, method, spec_batched)
+    key = (graph.signature, method, spec_batched, alpha, warm)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
 
-    def one(consts, region: Region, C):
+    def one(consts, region: Region, C, slopes):
         ctx = Context(graph, consts, [region.center], {graph.perturbed_inputs[0]: region})
-        b = bound_flat(ctx, method, C)
-        return b.lower, b.upper
+        b, slopes = bound_flat(ctx, method, C, alpha, slopes)
+        return b.lower, b.upper, slopes
 
-    run = jax.jit(jax.vmap(one, in_axes=(None, 0, None if not spec_batched else 0)))
+    run = jax.jit(jax.vmap(one, in_axes=(None, 0, None if not spec_batched else 0, 0 if warm else None)))
     _CACHE[key] = run
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -111,16 +113,19 @@ def trace_per_example(fn: Callable, x):
     return graph, consts, out
 
 
-def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None) -> Bounds:
+def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None,
+          alpha: AlphaOptions | None = None, alpha_init=None) -> Bounds:
     """Sound bounds on ``fn(x')`` (or ``spec @ fn(x')``) for all ``x'`` in the set around ``x``.
 
     **Arguments:**
     - ``fn``: any JAX-traceable function of a batch (closures over flax params welcome).
     - ``x``: the centre, batch axis first; each example is bounded on its own.
     - ``eps_or_set``: a radius (L-inf ball) or ``LinfBall``/``L2Ball``/``L1Ball``/``Box``.
-    - ``method``: ``"ibp"``, ``"crown"``, ``"crown-ibp"`` or ``"forward"``.
+    - ``method``: ``"ibp"``, ``"crown"``, ``"crown-ibp"``, ``"forward"`` or ``"alpha-crown"``.
     - ``spec``: ``C`` of shape ``(rows, out)`` or ``(batch, rows, out)``: bound ``C @ fn(x)``
       directly, tighter than bounding ``fn(x)`` first (see :func:`margin_spec`).
+    - ``alpha``: :class:`AlphaOptions` for ``"alpha-crown"``; ``alpha_init``: the
+      ``alphas`` of an earlier result on the same model and shapes (warm start).
 
     Example::
 
@@ -132,7 +137,13 @@ def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None) -> B
     region = as_set(eps_or_set).region(x)
     graph, consts, out = trace_per_example(fn, x)
     C = _check_spec(spec, x.shape[0], int(np.prod(out.shape[1:])), out.dtype)
-    lower, upper = _compiled(graph, method, None if C is None else C.ndim == 3)(consts, region, C)
+    if alpha is not None and not isinstance(alpha, AlphaOptions):
+        raise TypeError("alpha must be a jaxlirpa.AlphaOptions.")
+    if (alpha is not None or alpha_init is not None) and method != "alpha-crown":
+        raise ValueError(f"alpha options apply to method='alpha-crown' only, not {method!r}.")
+    run = _compiled(graph, method, None if C is None else C.ndim == 3, alpha, alpha_init is not None)
+    lower, upper, slopes = run(consts, region, C, alpha_init)
     if C is None:
-        lower, upper = lower.reshape(out.shape), upper.reshape(out.shape)
-    return Bounds(lower, upper)
+        lower = None if lower is None else lower.reshape(out.shape)
+        upper = None if upper is None else upper.reshape(out.shape)
+    return Bounds(lower, upper, slopes)

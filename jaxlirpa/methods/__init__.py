@@ -1,16 +1,19 @@
 """Bound methods, written once over the rule interface, and their dispatch."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlirpa.methods.alpha_crown import AlphaOptions, alpha_crown
 from jaxlirpa.methods.context import Context
 from jaxlirpa.methods.crown import backward, concretize, crown_intervals, pull_back
 from jaxlirpa.methods.forward import forward_linear
 from jaxlirpa.methods.ibp import ibp_intervals
 from jaxlirpa.rules.base import Interval
 
-METHODS = ("ibp", "crown", "crown-ibp", "forward")
+METHODS = ("ibp", "crown", "crown-ibp", "forward", "alpha-crown")
 
 
 def _rowsum(t):
@@ -45,12 +48,30 @@ def _fused_spec(ctx: Context, out, A, bounds, linear=None) -> Interval:
     return Interval(*concretize(ctx, at_inputs, lbias, ubias))
 
 
-def bound_flat(ctx: Context, method: str, C) -> Interval:
-    """Bounds of ``C @ flat(output)`` (or of the flat output when C is None) for one example."""
+def bound_flat(ctx: Context, method: str, C, alpha: AlphaOptions | None = None, warm=None):
+    """Bounds of ``C @ flat(output)`` (or of the flat output when C is None) for one
+    example, and alpha-CROWN's optimised slopes (None for other methods)."""
     out = ctx.graph.outputs[0]
     if not ctx.graph.is_perturbed(out):
         v = ctx.value(out).reshape(-1)
-        return Interval(v, v) if C is None else Interval(C @ v, C @ v)
+        return (Interval(v, v) if C is None else Interval(C @ v, C @ v)), None
+    if method == "alpha-crown":
+        shape, dtype = ctx.graph.avals[out].shape, ctx.graph.avals[out].dtype
+        A = jnp.eye(int(np.prod(shape)), dtype=dtype) if C is None else C
+        A, opts = A.reshape(A.shape[0], *shape), alpha or AlphaOptions()
+        if opts.bound != "both":
+            return alpha_crown(ctx, out, A, opts, warm)
+        # Like auto_LiRPA, lower and upper bounds are optimised in separate runs:
+        # jointly, the shared intermediate slopes would have to compromise.
+        warm = warm or {"lower": None, "upper": None}
+        lo, slopes_lo = alpha_crown(ctx, out, A, dataclasses.replace(opts, bound="lower"), warm["lower"])
+        hi, slopes_hi = alpha_crown(ctx, out, A, dataclasses.replace(opts, bound="upper"), warm["upper"])
+        return Interval(lo.lower, hi.upper), {"lower": slopes_lo, "upper": slopes_hi}
+    return _one_shot(ctx, method, C), None
+
+
+def _one_shot(ctx: Context, method: str, C) -> Interval:
+    out = ctx.graph.outputs[0]
     shape, dtype = ctx.graph.avals[out].shape, ctx.graph.avals[out].dtype
     A = None if C is None else C.reshape(C.shape[0], *shape)
     if method in ("ibp", "forward") and A is None:

@@ -32,6 +32,8 @@ class Context:
                 outs = e.prim.bind(*map(self.value, e.inputs), **e.params)
                 self.values.update(zip(e.outputs, outs if e.prim.multiple_results else [outs]))
         self._rules = {e: lookup(e, self.perturbed_mask(e)) for e in self.perturbed_eqns}
+        self.position = {e: k for k, e in enumerate(self.perturbed_eqns)}
+        self.slopes = None  # alpha-CROWN's optimisable slopes (methods/alpha_crown.py), when active
 
     def value(self, operand):
         return operand.value if isinstance(operand, Const) else self.values[operand]

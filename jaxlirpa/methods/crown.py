@@ -54,7 +54,12 @@ def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset()):
                 pending[v] = g
                 continue
             A_l = A_u = identity_rows(ctx.graph.avals[out])  # one array: linear rules pull it once
-        grads, lb, ub = ctx.rule(eqn).backward(eqn, ops, A_l, A_u)
+        rule = ctx.rule(eqn)
+        if ctx.slopes is not None and getattr(rule, "optimizable", False):
+            alpha = ctx.slopes.get(ctx.position[eqn], target, rule, eqn, ops, (A_l if A_l is not None else A_u).shape[0])
+            grads, lb, ub = rule.backward(eqn, ops, A_l, A_u, alpha=alpha)
+        else:
+            grads, lb, ub = rule.backward(eqn, ops, A_l, A_u)
         lbias, ubias = lbias + lb, ubias + ub
         for v, g in zip(eqn.inputs, grads):
             if g is not None:

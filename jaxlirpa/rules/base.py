@@ -70,7 +70,7 @@ class Rule:
     def interval(self, eqn, ops) -> Interval:
         raise NotImplementedError
 
-    def backward(self, eqn, ops, lA, uA):
+    def backward(self, eqn, ops, lA, uA, alpha=None):
         """Returns ``(per-operand (lA, uA) or None, lower bias, upper bias)``; biases have shape (rows,)."""
         raise NotImplementedError
 
@@ -116,19 +116,44 @@ class ElementwiseRule(Rule):
         shape = eqn_shape(eqn)
         return Interval(jnp.broadcast_to(lo, shape), jnp.broadcast_to(hi, shape))
 
-    def backward(self, eqn, ops, lA, uA):
+    def backward(self, eqn, ops, lA, uA, alpha=None):
+        """``alpha``: optional ``(lower-pass, upper-pass)`` slopes of the
+        optimisable line, each ``(rows, *shape)`` (alpha-CROWN)."""
         r = self._relaxation(eqn, ops)
+        lines = lambda a: (r.lw, r.lb) if alpha is None else self._sloped(eqn, ops, a)
         lbias = ubias = 0.0
         if lA is not None:
             pos, neg = _pos_neg(lA)
-            lbias = _rowsum(pos * r.lb + neg * r.ub)
-            lA = pos * r.lw + neg * r.uw
+            lw, lb = lines(None if alpha is None else alpha[0])
+            lbias = _rowsum(pos * lb + neg * r.ub)
+            lA = pos * lw + neg * r.uw
         if uA is not None:
             pos, neg = _pos_neg(uA)
-            ubias = _rowsum(pos * r.ub + neg * r.lb)
-            uA = pos * r.uw + neg * r.lw
+            lw, lb = lines(None if alpha is None else alpha[1])
+            ubias = _rowsum(pos * r.ub + neg * lb)
+            uA = pos * r.uw + neg * lw
         grads = [(lA, uA) if isinstance(o, Perturbed) else None for o in ops]
         return grads, lbias, ubias
+
+    # alpha-CROWN: a rule is optimisable when it defines ``slope_range`` and
+    # ``lower_line``; the lower line's slope then becomes a free parameter.
+    @property
+    def optimizable(self) -> bool:
+        return hasattr(self, "lower_line")
+
+    def alpha_start(self, eqn, ops):
+        """CROWN's own slope (the initial alpha) and the valid range, shaped like the output."""
+        x, params = self.split(eqn, ops)
+        shape = eqn_shape(eqn)
+        lo, hi = self.slope_range(*x.interval, *params)
+        return (jnp.broadcast_to(self._relaxation(eqn, ops).lw, shape),
+                jnp.broadcast_to(lo, shape), jnp.broadcast_to(hi, shape))
+
+    def _sloped(self, eqn, ops, slope):
+        x, params = self.split(eqn, ops)
+        lw, lb = self.lower_line(*x.interval, *params, slope=slope)
+        full = jnp.broadcast_shapes(jnp.shape(slope), eqn_shape(eqn))
+        return jnp.broadcast_to(lw, full), jnp.broadcast_to(lb, full)
 
     def forward(self, eqn, ops):
         x, _ = self.split(eqn, ops)

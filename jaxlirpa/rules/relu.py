@@ -39,6 +39,16 @@ class MaxWithConstant(ElementwiseRule):
         )
 
 
+    def slope_range(self, l, u, c):
+        return jnp.zeros_like(l), jnp.ones_like(l)
+
+    def lower_line(self, l, u, c, slope):
+        """``c + s (x - c)`` with s in [0, 1] where the kink is inside [l, u]."""
+        crossing = (l < c) & (u > c)
+        s = jnp.where(crossing, jnp.clip(slope, 0.0, 1.0), jnp.where(l >= c, 1.0, 0.0))
+        return s, (1 - s) * c
+
+
 class MinWithConstant(ElementwiseRule):
     """``min(x, c) = -max(-x, -c)``."""
 
@@ -84,6 +94,20 @@ class LeakyRelu(ElementwiseRule):
         return Relaxation(lw, lb, uw, ub)
 
 
+    def slope_range(self, l, u, a):
+        a = jnp.asarray(a, l.dtype) + 0 * l
+        return jnp.minimum(a, 1.0), jnp.maximum(a, 1.0)
+
+    def lower_line(self, l, u, a, slope):
+        """A line through 0 with slope in [a, 1] (convex case only; for a > 1 the
+        chord stays the lower line)."""
+        a = jnp.asarray(a, l.dtype) + 0 * l
+        crossing = (l < 0) & (u > 0)
+        r = self.relax(l, u, a)
+        s = jnp.where(crossing & (a <= 1), jnp.clip(slope, a, 1.0), r.lw)
+        return s, jnp.where(crossing & (a <= 1), 0.0, r.lb)
+
+
 class Abs(ElementwiseRule):
     """``|x|``: chord above; below, slope +1 or -1 through 0, whichever side of
     0 holds more of the interval (the smaller-area choice)."""
@@ -104,6 +128,14 @@ class Abs(ElementwiseRule):
             uw=jnp.where(crossing, slope, lower),
             ub=jnp.where(crossing, intercept, 0.0),
         )
+
+
+    def slope_range(self, l, u):
+        return -jnp.ones_like(l), jnp.ones_like(l)
+
+    def lower_line(self, l, u, slope):
+        crossing = (l < 0) & (u > 0)
+        return jnp.where(crossing, jnp.clip(slope, -1.0, 1.0), jnp.where(l >= 0, 1.0, -1.0)), jnp.zeros_like(slope)
 
 
 register(MaxWithConstant(), P.max_p)

@@ -1,0 +1,149 @@
+"""alpha-CROWN (Xu et al., ICLR 2021): CROWN whose optimisable relaxations
+(the lower slopes of ReLU, leaky ReLU, abs, ``max`` with a constant) are free
+parameters, tuned by gradient steps on the bounds themselves.
+
+There is one slope array per (activation, start variable), for the lower and
+the upper pass, initialised at CROWN's own slopes, so intermediate bounds are
+tightened jointly with the output bound (auto_LiRPA's default). The whole
+optimisation is one ``lax.scan`` with any optax optimizer; the best bound seen
+per element is kept, CROWN's included, so the result is never looser than CROWN.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlirpa.methods.context import Context
+from jaxlirpa.methods.crown import backward, interval_of, needed_intervals
+from jaxlirpa.methods.ibp import ibp_exact, ibp_intervals
+from jaxlirpa.rules.base import Interval
+
+
+@dataclasses.dataclass(frozen=True)
+class AlphaOptions:
+    """Settings of ``method="alpha-crown"``.
+
+    **Arguments:**
+    - ``iterations``: optimisation steps (auto_LiRPA's default 20).
+    - ``optimizer``: any optax ``GradientTransformation``; default Adam with
+      ``learning_rate`` decayed by ``lr_decay`` every step.
+    - ``learning_rate``: a float or an optax schedule (0.5, as auto_LiRPA).
+    - ``early_stop_patience``: stop updating after this many steps without improvement.
+    - ``keep_best``: keep the best bound per element over all steps (else the last).
+    - ``bound``: which bound to optimise, ``"lower"``, ``"upper"`` or ``"both"``.
+    - ``optimize_intermediate``: also re-bound intermediate layers with their slopes.
+    - ``progress``: ``progress(step, loss)`` called from inside jit (``jax.debug.callback``).
+
+    Example: ``bound(f, x, 0.1, method="alpha-crown", alpha=AlphaOptions(iterations=50))``.
+    """
+
+    iterations: int = 20
+    optimizer: optax.GradientTransformation | None = None
+    learning_rate: float | Callable = 0.5
+    lr_decay: float = 0.98
+    early_stop_patience: int | None = None
+    keep_best: bool = True
+    bound: str = "both"
+    optimize_intermediate: bool = True
+    progress: Callable | None = None
+
+    def __post_init__(self):
+        if self.bound not in ("lower", "upper", "both"):
+            raise ValueError(f"AlphaOptions.bound must be 'lower', 'upper' or 'both', got {self.bound!r}.")
+        if self.iterations < 0:
+            raise ValueError("AlphaOptions.iterations must be >= 0.")
+
+    def make_optimizer(self) -> optax.GradientTransformation:
+        if self.optimizer is not None:
+            return self.optimizer
+        lr = self.learning_rate
+        if not callable(lr):
+            lr = optax.exponential_decay(lr, transition_steps=1, decay_rate=self.lr_decay)
+        return optax.adam(lr)
+
+
+class Slopes:
+    """The slopes CROWN's rules read, keyed ``"activation:start"``.
+
+    Without ``values`` it records CROWN's slopes (the initial point) and their
+    valid ranges while a CROWN pass runs; with them it serves them.
+    """
+
+    def __init__(self, values: dict | None = None):
+        self.values = values
+        self.init: dict[str, jax.Array] = {}
+        self.ranges: dict[str, tuple] = {}
+
+    def get(self, position, start, rule, eqn, ops, rows):
+        key = f"{position}:{start}"
+        if self.values is not None:
+            return self.values[key]
+        slope, lo, hi = rule.alpha_start(eqn, ops)
+        self.init[key] = jnp.broadcast_to(slope, (2, rows, *slope.shape))
+        self.ranges[key] = (lo, hi)
+        return None
+
+
+def _meet(a: Interval, b: Interval) -> Interval:
+    return Interval(jnp.maximum(a.lower, b.lower), jnp.minimum(a.upper, b.upper))
+
+
+def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None = None):
+    """Optimised bounds of ``A @ out``; returns ``(Interval, slopes)`` (slopes for a warm start)."""
+    recorder = Slopes()
+    ctx.slopes = recorder
+    exact = ibp_exact(ctx)
+    ibp = ibp_intervals(ctx) if exact - set(ctx.regions) else {}
+    first = needed_intervals(ctx, ctx.input_intervals(),
+                             lambda v, b: ibp[v] if v in exact else interval_of(ctx, v, b))
+    uA = None if opts.bound == "lower" else A
+    lA = None if opts.bound == "upper" else A
+    lo0, hi0 = backward(ctx, out, lA, uA, first)
+    init = recorder.init if warm is None else warm
+    ranges = recorder.ranges
+
+    def evaluate(slopes, prev):
+        ctx.slopes = Slopes(slopes)
+        bounds = prev
+        if opts.optimize_intermediate:
+            bounds = needed_intervals(
+                ctx, ctx.input_intervals(),
+                lambda v, b: prev[v] if v in exact else _meet(interval_of(ctx, v, b), prev[v]))
+        lo, hi = backward(ctx, out, lA, uA, bounds)
+        return lo, hi, bounds
+
+    def loss_of(lo, hi):
+        return (0.0 if hi is None else jnp.sum(hi)) - (0.0 if lo is None else jnp.sum(lo))
+
+    optimizer = opts.make_optimizer()
+    patience = opts.early_stop_patience
+
+    def step(carry, i):
+        slopes, state, best, prev, stale = carry
+        (loss, (lo, hi, bounds)), grads = jax.value_and_grad(
+            lambda s: (lambda r: (loss_of(r[0], r[1]), r))(evaluate(s, prev)), has_aux=True)(slopes)
+        if opts.progress is not None:
+            jax.debug.callback(opts.progress, i, loss)
+        improved = jnp.asarray(False)
+        if lo is not None:
+            improved |= jnp.any(lo > best[0])
+            lo = jnp.maximum(lo, best[0]) if opts.keep_best else lo
+        if hi is not None:
+            improved |= jnp.any(hi < best[1])
+            hi = jnp.minimum(hi, best[1]) if opts.keep_best else hi
+        stale = jnp.where(improved, 0, stale + 1)
+        updates, state = optimizer.update(grads, state, slopes)
+        go = 1.0 if patience is None else (stale < patience).astype(jnp.float32)
+        slopes = {k: jnp.clip(s + go * updates[k], *ranges[k]) for k, s in slopes.items()}
+        prev = jax.lax.stop_gradient({v: _meet(prev[v], bounds[v]) for v in prev})
+        return (slopes, state, (lo, hi), prev, stale), loss
+
+    carry = (init, optimizer.init(init), (lo0, hi0), jax.lax.stop_gradient(first), jnp.asarray(0))
+    (slopes, _, (lo, hi), _, _), _ = jax.lax.scan(step, carry, jnp.arange(opts.iterations))
+    ctx.slopes = None
+    return Interval(lo, hi), slopes
+
