@@ -1,6 +1,6 @@
 """jaxlirpa: provable bounds on the outputs of JAX functions (IBP, CROWN, forward LiRPA, CROWN-IBP)."""
 from jaxlirpa import rules as _rules  # noqa: F401  (registers the built-in rules)
-from jaxlirpa.api import Bounds, bound, margin_spec
+from jaxlirpa.api import Bounds, bound, margin_spec, verified, verified_accuracy
 from jaxlirpa.methods.alpha_crown import AlphaOptions
 from jaxlirpa.rules.base import ElementwiseRule, Relaxation, Rule, UnsupportedPrimitiveError
 from jaxlirpa.rules.base import register as _register
@@ -17,5 +17,5 @@ def register_rule(primitive, rule: Rule) -> None:
 
 __all__ = [
     "AlphaOptions", "Bounds", "Box", "ElementwiseRule", "L1Ball", "L2Ball", "LINEAR", "LinfBall", "Relaxation", "Rule",
-    "UnsupportedPrimitiveError", "bound", "margin_spec", "register_rule",
+    "UnsupportedPrimitiveError", "bound", "margin_spec", "register_rule", "verified", "verified_accuracy",
 ]

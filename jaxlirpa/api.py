@@ -79,9 +79,11 @@ _CACHE: collections.OrderedDict = collections.OrderedDict()
 _CACHE_SIZE = 64
 
 
-def _compiled(graph, method: str, spec_batched: bool | None, alpha: AlphaOptions | None, warm: bool):
-    """A jitted, batch-vmapped bound computation for this graph structure."""
-    key = (graph.signature, method, spec_batched, alpha, warm)
+def _compiled(graph, method: str, spec_batched: bool | None, alpha: AlphaOptions | None, warm: bool,
+              batch_size: int | None):
+    """A jitted bound computation for this graph structure, vmapped over the
+    batch, or over chunks of ``batch_size`` examples one chunk at a time."""
+    key = (graph.signature, method, spec_batched, alpha, warm, batch_size)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
@@ -91,7 +93,14 @@ def _compiled(graph, method: str, spec_batched: bool | None, alpha: AlphaOptions
         b, slopes = bound_flat(ctx, method, C, alpha, slopes)
         return b.lower, b.upper, slopes
 
-    run = jax.jit(jax.vmap(one, in_axes=(None, 0, None if not spec_batched else 0, 0 if warm else None)))
+    def run(consts, region, C, slopes):
+        per_example = (region, C if spec_batched else None, slopes if warm else None)
+        f = lambda ex: one(consts, ex[0], C if not spec_batched else ex[1], ex[2])
+        if batch_size is None:
+            return jax.vmap(f)(per_example)
+        return jax.lax.map(f, per_example, batch_size=batch_size)
+
+    run = jax.jit(run)
     _CACHE[key] = run
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -114,7 +123,7 @@ def trace_per_example(fn: Callable, x):
 
 
 def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None,
-          alpha: AlphaOptions | None = None, alpha_init=None) -> Bounds:
+          alpha: AlphaOptions | None = None, alpha_init=None, batch_size: int | None = None) -> Bounds:
     """Sound bounds on ``fn(x')`` (or ``spec @ fn(x')``) for all ``x'`` in the set around ``x``.
 
     **Arguments:**
@@ -126,6 +135,8 @@ def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None,
       directly, tighter than bounding ``fn(x)`` first (see :func:`margin_spec`).
     - ``alpha``: :class:`AlphaOptions` for ``"alpha-crown"``; ``alpha_init``: the
       ``alphas`` of an earlier result on the same model and shapes (warm start).
+    - ``batch_size``: bound this many examples at a time (``jax.lax.map``), to cap
+      memory; by default the whole batch at once (``jax.vmap``).
 
     Example::
 
@@ -141,9 +152,31 @@ def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None,
         raise TypeError("alpha must be a jaxlirpa.AlphaOptions.")
     if (alpha is not None or alpha_init is not None) and method != "alpha-crown":
         raise ValueError(f"alpha options apply to method='alpha-crown' only, not {method!r}.")
-    run = _compiled(graph, method, None if C is None else C.ndim == 3, alpha, alpha_init is not None)
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}.")
+    run = _compiled(graph, method, None if C is None else C.ndim == 3, alpha, alpha_init is not None, batch_size)
     lower, upper, slopes = run(consts, region, C, alpha_init)
     if C is None:
         lower = None if lower is None else lower.reshape(out.shape)
         upper = None if upper is None else upper.reshape(out.shape)
     return Bounds(lower, upper, slopes)
+
+
+def verified(fn: Callable, x, labels, eps_or_set, *, method: str = "crown", **kwargs) -> jax.Array:
+    """Per example, whether the prediction provably stays ``labels`` over the whole set:
+    every margin ``logit_y - logit_j`` has a positive lower bound (see :func:`margin_spec`).
+
+    ``kwargs`` go to :func:`bound` (``batch_size``, ``alpha``, ...); alpha-CROWN
+    optimises the lower bounds only unless told otherwise.
+    Example: ``jaxlirpa.verified(model, x, y, 0.1, method="alpha-crown")``.
+    """
+    num_classes = jax.eval_shape(fn, jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))).shape[-1]
+    if _check_method(method) == "alpha-crown" and kwargs.get("alpha") is None:
+        kwargs["alpha"] = AlphaOptions(bound="lower")
+    b = bound(fn, x, eps_or_set, method=method, spec=margin_spec(labels, num_classes), **kwargs)
+    return jnp.all(b.lower > 0, axis=1)
+
+
+def verified_accuracy(fn: Callable, x, labels, eps_or_set, *, method: str = "crown", **kwargs) -> jax.Array:
+    """The fraction of examples :func:`verified` proves robust (verified accuracy)."""
+    return jnp.mean(verified(fn, x, labels, eps_or_set, method=method, **kwargs))

@@ -235,3 +235,28 @@ def test_calls_are_inlined(wrap):
     for method in ("ibp", "crown"):
         np.testing.assert_allclose(jaxlirpa.bound(fn, X, 0.1, method=method).lower,
                                    jaxlirpa.bound(mlp, X, 0.1, method=method).lower, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+def test_batch_size_chunks_give_the_same_bounds(method):
+    x = jax.random.normal(KEY, (5, 4))
+    C = jaxlirpa.margin_spec(jnp.arange(5) % 3, 3)
+    opts = jaxlirpa.AlphaOptions(iterations=2) if method == "alpha-crown" else None
+    full = jaxlirpa.bound(mlp, x, 0.1, method=method, spec=C, alpha=opts)
+    chunked = jaxlirpa.bound(mlp, x, 0.1, method=method, spec=C, alpha=opts, batch_size=2)
+    np.testing.assert_allclose(full.lower, chunked.lower, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        jaxlirpa.bound(mlp, x, 0.1, batch_size=0)
+
+
+def test_verified_and_accuracy_agree_with_margins():
+    y = jnp.argmax(mlp(X), axis=1)
+    for method in ("ibp", "crown", "alpha-crown"):
+        v = jaxlirpa.verified(mlp, X, y, 0.01, method=method)
+        b = jaxlirpa.bound(mlp, X, 0.01, method="crown", spec=jaxlirpa.margin_spec(y, 3))
+        assert v.dtype == jnp.bool_ and v.shape == (2,)
+        if method != "ibp":
+            assert np.all(np.asarray(v) >= np.asarray(jnp.all(b.lower > 0, axis=1)))
+        assert float(jaxlirpa.verified_accuracy(mlp, X, y, 0.01, method=method)) == float(np.mean(v))
+    wrong = (y + 1) % 3
+    assert not np.any(jaxlirpa.verified(mlp, X, wrong, 0.01))
