@@ -38,16 +38,9 @@ def _region(region_or_set, x) -> Region:
     return as_set(region_or_set).region(jnp.asarray(x))
 
 
-def _per_example_norm(v, ord_):
-    axes = tuple(range(2, v.ndim))  # v is (n, batch, ...)
-    if ord_ == 2:
-        return jnp.sqrt(jnp.sum(v * v, axes, keepdims=True))
-    return jnp.sum(jnp.abs(v), axes, keepdims=True)
-
-
 def _host_rng(key) -> np.random.Generator:
-    """A numpy generator seeded by a (concrete) JAX PRNG key."""
-    key = jax.random.key(0) if key is None else key
+    """A numpy generator seeded by a (concrete) JAX PRNG key, a raw uint32 key or an int."""
+    key = jax.random.key(0 if key is None else key) if key is None or isinstance(key, int) else key
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)  # a raw uint32 key
     return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
@@ -265,7 +258,12 @@ def assert_sound(fn, x, eps_or_set, *, method: str = "crown", spec=None, n_sampl
     region = _region(eps_or_set, x)
     closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(x.shape, x.dtype))
     batch = x.shape[0]
-    lower, upper = (jnp.reshape(b, (batch, -1)) for b in (bounds.lower, bounds.upper))
+    if bounds.lower is None and bounds.upper is None:
+        raise ValueError("bounds has neither a lower nor an upper bound.")
+    one_side = bounds.upper if bounds.lower is None else bounds.lower
+    # A one-sided result (e.g. alpha-CROWN with bound="lower") checks that side only.
+    lower, upper = (jnp.reshape(jnp.full_like(one_side, fill) if b is None else b, (batch, -1))
+                    for b, fill in ((bounds.lower, -jnp.inf), (bounds.upper, jnp.inf)))
     C = None if spec is None else jnp.asarray(spec, lower.dtype)
     out_size = lower.shape[1]
     # All randomness is drawn on the host from the key (see _uniforms): the sample
@@ -283,8 +281,11 @@ def assert_sound(fn, x, eps_or_set, *, method: str = "crown", spec=None, n_sampl
                              f"method={method!r}, set={_describe(eps_or_set)}.")
     if r["worst"] > 0:
         p = int(r["point"])
-        where = "the centre" if p == 0 else (f"sampled point {p}" if p < n_samples else
-                                              f"attack point {p - n_samples}")
+        where = "the centre" if p == 0 else f"sampled point {p}"
+        if p >= n_samples:  # directions: ascent on each idx, descent on each, ascent and descent on the sum
+            a, k = divmod(p - n_samples, len(idx)) if p - n_samples < 2 * len(idx) else (2, p - n_samples - 2 * len(idx))
+            where = (f"the end of a gradient {('ascent', 'descent')[a]} on output {int(idx[k])}" if a < 2 else
+                     f"the end of a gradient {('ascent', 'descent')[k]} on the sum of the outputs")
         side = "below lower" if r["value"] < r["lower"] else "above upper"
         raise AssertionError(
             f"Unsound bounds (method={method!r}, set={_describe(eps_or_set)}): output {int(r['coord'])} of example "

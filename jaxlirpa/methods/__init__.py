@@ -75,7 +75,7 @@ def _one_shot(ctx: Context, method: str, C) -> Interval:
     shape, dtype = ctx.graph.avals[out].shape, ctx.graph.avals[out].dtype
     A = None if C is None else C.reshape(C.shape[0], *shape)
     if method in ("ibp", "forward") and A is None:
-        b = ibp_intervals(ctx)[out] if method == "ibp" else ctx.concretize_linear(forward_linear(ctx)[0][out])
+        b = ibp_intervals(ctx, (out,))[out] if method == "ibp" else ctx.concretize_linear(forward_linear(ctx)[0][out])
         return Interval(b.lower.reshape(-1), b.upper.reshape(-1))
     if method == "ibp":
         return _fused_spec(ctx, out, A, ibp_intervals(ctx))

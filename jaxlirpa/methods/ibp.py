@@ -50,8 +50,9 @@ def ibp_exact(ctx: Context) -> set[int]:
     return exact | monomial
 
 
-def ibp_intervals(ctx: Context) -> dict[int, Interval]:
-    """The IBP interval of every perturbed variable."""
+def ibp_intervals(ctx: Context, outputs=()) -> dict[int, Interval]:
+    """The IBP interval of every perturbed variable; those that feed a nonlinear
+    rule, and ``outputs``, are bounded exactly when affine in a non-box input."""
     bounds = ctx.input_intervals()
     exact = set()
     if any(r.p != np.inf for r in ctx.regions.values()):
@@ -66,4 +67,7 @@ def ibp_intervals(ctx: Context) -> dict[int, Interval]:
         out = eqn.outputs[0]
         if out not in bounds:
             bounds[out] = rule.interval(eqn, ctx.operands(eqn, bounds))
+    for v in outputs:
+        if v in exact:
+            bounds[v] = interval_of(ctx, v, bounds)
     return bounds

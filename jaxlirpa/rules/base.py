@@ -67,6 +67,10 @@ class Rule:
         """Whether the rule handles this equation given which operands are perturbed."""
         return True
 
+    def why_not(self, eqn, perturbed: tuple[bool, ...]) -> str:
+        """Why ``accepts`` said no, for the error message."""
+        return "its rule does not handle this combination of perturbed operands"
+
     def interval(self, eqn, ops) -> Interval:
         raise NotImplementedError
 
@@ -198,7 +202,7 @@ def lookup(eqn, perturbed: tuple[bool, ...]) -> Rule:
     shapes = ", ".join(
         f"{'perturbed ' if p else ''}{tuple(a.shape)}" for a, p in zip(eqn.in_avals, perturbed)
     )
-    why = "no rule is registered for it" if rule is None else "its rule does not handle this combination of perturbed operands"
+    why = "no rule is registered for it" if rule is None else rule.why_not(eqn, perturbed)
     raise UnsupportedPrimitiveError(
         f"jaxlirpa cannot bound primitive '{eqn.prim.name}' (operands: {shapes}) at {eqn.location()}: {why}. "
         f"Register one with jaxlirpa.register_rule(primitive, rule) (an ElementwiseRule subclass for "

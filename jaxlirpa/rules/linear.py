@@ -25,6 +25,15 @@ from jaxlirpa.rules.base import Interval, LinearBounds, Perturbed, Rule, registe
 _SCALINGS = {P.mul_p, P.div_p, P.dot_general_p, P.conv_general_dilated_p}
 
 
+def _narrows(eqn) -> bool:
+    """A float cast to a type with fewer mantissa bits (e.g. float32 to bfloat16)."""
+    if eqn.prim is not P.convert_element_type_p:
+        return False
+    src, dst = eqn.in_avals[0].dtype, eqn.out_avals[0].dtype
+    return (jnp.issubdtype(src, jnp.floating) and jnp.issubdtype(dst, jnp.floating)
+            and jnp.finfo(dst).nmant < jnp.finfo(src).nmant)
+
+
 def _apply(prim, eqn, args):
     out = prim.bind(*args, **eqn.params)
     return out[0] if prim.multiple_results else out
@@ -56,7 +65,13 @@ class LinearRule(Rule):
             return False
         if any(perturbed[i] for i in self.constant if i < len(perturbed)):
             return False
-        return jnp.issubdtype(eqn.out_avals[0].dtype, jnp.floating)
+        return jnp.issubdtype(eqn.out_avals[0].dtype, jnp.floating) and not _narrows(eqn)
+
+    def why_not(self, eqn, perturbed):
+        if _narrows(eqn):
+            return (f"casting {eqn.in_avals[0].dtype} to {eqn.out_avals[0].dtype} rounds to fewer bits, which a "
+                    f"linear bound cannot follow soundly; bound the model in float32 (or float64)")
+        return super().why_not(eqn, perturbed)
 
     def affine(self, eqn, ops):
         """``f(*perturbed operands)`` with the constant operands closed over."""
