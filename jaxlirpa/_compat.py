@@ -86,3 +86,13 @@ def user_location(eqn) -> str:
 
 
 from jax.extend.core import primitives as lax_primitives  # noqa: E402  (re-exported table of lax primitives)
+
+
+def _primitive_of(fn, *args):
+    """The primitive JAX emits for ``fn`` (for primitives not exported by name)."""
+    return jax.make_jaxpr(fn)(*args).jaxpr.eqns[-1].primitive
+
+
+# ``jnp.stack`` lowers to its own primitive from JAX 0.10 on (None before).
+stack_p = _primitive_of(lambda a, b: jax.numpy.stack([a, b]), 1.0, 1.0)
+stack_p = stack_p if stack_p.name == "stack" else None

@@ -126,7 +126,9 @@ class _Builder:
         for eqn in jaxpr.eqns:
             ins = [self.read(env, v) for v in eqn.invars]
             body = _compat.call_body(eqn)
-            if body is not None:
+            if eqn.primitive.name == "scan":
+                outs = self.unroll_scan(eqn, ins)
+            elif body is not None:
                 sub, consts = body
                 sub_env = dict(zip(sub.invars, ins))
                 sub_env |= {cv: Const(c) for cv, c in zip(sub.constvars, consts)}
@@ -140,6 +142,35 @@ class _Builder:
                 if not isinstance(v, _compat.DropVar):
                     env[v] = o
         return [self.read(env, v) for v in jaxpr.outvars]
+
+    def call(self, fn, operands) -> list:
+        """Inline ``fn`` traced on the operands' shapes: small glue equations
+        written by JAX itself, so their parameters stay right across releases."""
+        avals = [jax.ShapeDtypeStruct(np.shape(o.value), jax.numpy.result_type(o.value)) if isinstance(o, Const)
+                 else jax.ShapeDtypeStruct(self.avals[o].shape, self.avals[o].dtype) for o in operands]
+        closed = _compat.make_jaxpr(fn, *avals)
+        env = dict(zip(closed.jaxpr.invars, operands)) | {c: Const(v) for c, v in zip(closed.jaxpr.constvars, closed.consts)}
+        return self.inline(closed.jaxpr, env)
+
+    def unroll_scan(self, eqn, ins) -> list:
+        """``lax.scan`` (and ``fori_loop`` with a static trip count) as its body
+        inlined once per step: recurrent networks become ordinary graphs."""
+        p = eqn.params
+        n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
+        body = p["jaxpr"]
+        consts, carry, xs = ins[:n_consts], list(ins[n_consts:n_consts + n_carry]), ins[n_consts + n_carry:]
+        ys = []
+        for t in (reversed(range(length)) if p["reverse"] else range(length)):
+            x_t = [self.call(lambda a, t=t: a[t], [x])[0] for x in xs]
+            env = dict(zip(body.jaxpr.invars, [*consts, *carry, *x_t]))
+            env |= {c: Const(v) for c, v in zip(body.jaxpr.constvars, body.consts)}
+            outs = self.inline(body.jaxpr, env)
+            carry, y_t = outs[:n_carry], outs[n_carry:]
+            ys.append(y_t)
+        if p["reverse"]:
+            ys.reverse()
+        stacked = [self.call(lambda *a: jax.numpy.stack(a), list(col))[0] for col in zip(*ys)] if ys else []
+        return [*carry, *stacked]
 
 
 def _mark_perturbed(graph: Graph) -> None:

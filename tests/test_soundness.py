@@ -27,7 +27,7 @@ import pytest
 from jax import lax
 
 import jaxlirpa
-from jaxlirpa._compat import lax_primitives as P
+from jaxlirpa._compat import lax_primitives as P, stack_p
 from jaxlirpa.graph import leaky_relu_p, trace
 from jaxlirpa.rules.base import RULES
 from jaxlirpa.testing import assert_sound, sample_points
@@ -188,6 +188,19 @@ def _smooth(x):
     return _cat(jnp.tanh(h), jax.nn.sigmoid(2.0 * h), jax.scipy.special.erf(h), jnp.sin(wide), jnp.cos(wide))
 
 
+def _recurrent(x):
+    """A scan (unrolled: stacks its outputs), products of two perturbed tensors, c / x."""
+    h = dense(x)
+
+    def step(c, xt):
+        c = jnp.tanh(0.5 * c + xt)
+        return c, c * xt
+
+    c, ys = lax.scan(step, h[:, 0], jnp.moveaxis(h[:, :3], 1, 0))
+    outer = h[:, :3, None] @ h[:, None, 3:6]  # dot_general of two perturbed operands, batched
+    return _cat(c, jnp.moveaxis(ys, 0, 1), outer, h * h, 1.0 / (2.0 + h * h))
+
+
 LINEAR = Case("linear", _linear)
 STRUCTURAL = Case("structural", _structural)
 CONV = Case("conv", _conv, "img")
@@ -197,17 +210,18 @@ LEAKY_ABS = Case("leaky_abs", _leaky_abs)
 MAX_POOL = Case("max_pool", _max_pool, "img")
 CONVEX = Case("convex", _convex)
 SMOOTH = Case("smooth", _smooth)
+RECURRENT = Case("recurrent", _recurrent)
 CONVERT_ROUNDING = Case("convert_rounding", lambda x: _cat(dense(x).astype(jnp.bfloat16).astype(jnp.float32),
                                                            dense(x).astype(jnp.float16).astype(jnp.float32)))
 
 CASES = {
-    P.dot_general_p: [MLP, LINEAR],
+    P.dot_general_p: [MLP, LINEAR, RECURRENT],
     P.conv_general_dilated_p: [CONV, MAX_POOL],
     P.add_p: [LINEAR, MLP],
     P.sub_p: [LINEAR, MLP],
     P.neg_p: [LINEAR],
-    P.mul_p: [LINEAR, MLP],
-    P.div_p: [LINEAR, CONV],
+    P.mul_p: [LINEAR, MLP, RECURRENT],
+    P.div_p: [LINEAR, CONV, RECURRENT],
     P.broadcast_in_dim_p: [STRUCTURAL],
     P.reshape_p: [STRUCTURAL],
     P.transpose_p: [STRUCTURAL, CONV],
@@ -249,14 +263,15 @@ CASES = {
     P.pow_p: [CONVEX],
     P.sin_p: [SMOOTH],
     P.cos_p: [SMOOTH],
+    **({stack_p: [RECURRENT]} if stack_p is not None else {}),
 }
-ALL_CASES = [LINEAR, STRUCTURAL, CONV, MLP, MAX_MIN, LEAKY_ABS, MAX_POOL, SMOOTH, CONVEX]
+ALL_CASES = [LINEAR, STRUCTURAL, CONV, MLP, MAX_MIN, LEAKY_ABS, MAX_POOL, SMOOTH, CONVEX, RECURRENT]
 assert {c.name for cs in CASES.values() for c in cs} == {c.name for c in ALL_CASES}
 L2_CASES = [MLP]
 # Cases also run with jit. Tracing under jit does not depend on the primitives, and compiling
 # is most of this module's time: the smooth and convex rules (added after this suite's first
 # version) skip it.
-JIT_CASES = [c for c in ALL_CASES if c not in (SMOOTH, CONVEX)]
+JIT_CASES = [c for c in ALL_CASES if c not in (SMOOTH, CONVEX, RECURRENT)]
 
 SETS = {
     "linf": lambda x: jaxlirpa.LinfBall(EPS),

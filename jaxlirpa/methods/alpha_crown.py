@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlirpa.methods.context import Context
-from jaxlirpa.methods.crown import backward, interval_of, needed_intervals
+from jaxlirpa.methods.crown import backward, interval_of, meet, needed_intervals
 from jaxlirpa.methods.ibp import ibp_exact, ibp_intervals
 from jaxlirpa.rules.base import Interval
 
@@ -88,10 +88,6 @@ class Slopes:
         return None
 
 
-def _meet(a: Interval, b: Interval) -> Interval:
-    return Interval(jnp.maximum(a.lower, b.lower), jnp.minimum(a.upper, b.upper))
-
-
 def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None = None):
     """Optimised bounds of ``A @ out``; returns ``(Interval, slopes)`` (slopes for a warm start)."""
     recorder = Slopes()
@@ -112,7 +108,7 @@ def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None
         if opts.optimize_intermediate:
             bounds = needed_intervals(
                 ctx, ctx.input_intervals(),
-                lambda v, b: prev[v] if v in exact else _meet(interval_of(ctx, v, b), prev[v]))
+                lambda v, b: prev[v] if v in exact else meet(interval_of(ctx, v, b), prev[v]))
         lo, hi = backward(ctx, out, lA, uA, bounds)
         return lo, hi, bounds
 
@@ -139,7 +135,7 @@ def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None
         updates, state = optimizer.update(grads, state, slopes)
         go = 1.0 if patience is None else (stale < patience).astype(jnp.float32)
         slopes = {k: jnp.clip(s + go * updates[k], *ranges[k]) for k, s in slopes.items()}
-        prev = jax.lax.stop_gradient({v: _meet(prev[v], bounds[v]) for v in prev})
+        prev = jax.lax.stop_gradient({v: meet(prev[v], bounds[v]) for v in prev})
         return (slopes, state, (lo, hi), prev, stale), loss
 
     carry = (init, optimizer.init(init), (lo0, hi0), jax.lax.stop_gradient(first), jnp.asarray(0))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxlirpa._compat import lax_primitives as P
+from jaxlirpa._compat import lax_primitives as P, stack_p
 from jaxlirpa.methods.context import Context
 from jaxlirpa.methods.crown import interval_of
 from jaxlirpa.rules.base import Interval
@@ -26,7 +26,7 @@ def affine_prefix(ctx: Context) -> set[int]:
 # Each output element is (a multiple of) one input element, plus a constant.
 _MONOMIAL = {P.add_p, P.sub_p, P.neg_p, P.mul_p, P.div_p, P.broadcast_in_dim_p, P.reshape_p, P.transpose_p,
              P.squeeze_p, P.slice_p, P.pad_p, P.convert_element_type_p, P.rev_p, P.copy_p, P.stop_gradient_p,
-             P.select_n_p, P.concatenate_p, P.dynamic_slice_p, P.gather_p}
+             P.select_n_p, P.concatenate_p, P.dynamic_slice_p, P.gather_p} | ({stack_p} if stack_p else set())
 # Each output element is a linear combination of several elements.
 _MIXING = {P.dot_general_p, P.conv_general_dilated_p, P.reduce_sum_p, P.reduce_window_sum_p, P.cumsum_p}
 
@@ -40,7 +40,7 @@ def ibp_exact(ctx: Context) -> set[int]:
     for eqn in ctx.perturbed_eqns:
         ins = [v for v in eqn.inputs if ctx.graph.is_perturbed(v)]
         out = eqn.outputs[0]
-        if eqn.prim in _MONOMIAL and (len(ins) == 1 or eqn.prim is P.concatenate_p):
+        if eqn.prim in _MONOMIAL and (len(ins) == 1 or eqn.prim in (P.concatenate_p, stack_p)):
             if all(v in monomial for v in ins):
                 monomial.add(out)
             elif all(v in monomial or v in exact for v in ins):

@@ -67,6 +67,12 @@ class Rule:
         """Whether the rule handles this equation given which operands are perturbed."""
         return True
 
+    def resolve(self, eqn, perturbed: tuple[bool, ...]) -> "Rule":
+        """The rule that bounds this equation: ``self``, or, for a rule that
+        dispatches between several (``mul`` by a constant is linear, a product
+        of two perturbed tensors is not), the one chosen for it."""
+        return self
+
     def why_not(self, eqn, perturbed: tuple[bool, ...]) -> str:
         """Why ``accepts`` said no, for the error message."""
         return "its rule does not handle this combination of perturbed operands"
@@ -197,8 +203,10 @@ def lookup(eqn, perturbed: tuple[bool, ...]) -> Rule:
     """The rule for ``eqn``, or an :class:`UnsupportedPrimitiveError` that names
     the primitive, its operand shapes and the user's line."""
     rule = RULES.get(eqn.prim)
-    if rule is not None and rule.accepts(eqn, perturbed):
-        return rule
+    if rule is not None:
+        rule = rule.resolve(eqn, perturbed) or rule
+        if rule.accepts(eqn, perturbed):
+            return rule
     shapes = ", ".join(
         f"{'perturbed ' if p else ''}{tuple(a.shape)}" for a, p in zip(eqn.in_avals, perturbed)
     )

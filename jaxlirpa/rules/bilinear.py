@@ -13,8 +13,9 @@ output element gives planes of ``z`` that are ``D`` itself again::
 
     D(x, yl) + D(xl, y) - D(xl, yl)  <=  z  <=  D(x, yu) + D(xl, y) - D(xl, yu)
 
-So CROWN and forward mode run through the primitive (its VJP/JVP), never
-materialising the ``(rows, out, K)`` tensor of single products. For the same
+So CROWN pulls ``A`` back through the primitive's VJP and forward mode applies
+the primitive to the operands' linear weights, never materialising the
+``(rows, out, K)`` tensor of single products. For the same
 variable twice (``x * x``) both planes stay valid (tangent at ``xl`` below,
 chord above), as in auto_LiRPA. IBP takes the exact range of every single
 product (min/max of its four corners; ``[0 or min(l^2, u^2), max(l^2, u^2)]``
@@ -87,31 +88,24 @@ class Product(Rule):
         D = lambda a, b: _bind(eqn, a, b)
         return D, xl, yl, yu
 
-    def backward(self, eqn, ops, lA, uA):
+    def backward(self, eqn, ops, lA, uA, alpha=None):
         D, xl, yl, yu = self._planes(eqn, ops)
         x_aval, y_aval = eqn.in_avals
-        through_yl = lambda A: _pull(lambda x: D(x, yl), x_aval, A)  # A -> A @ d D(x, yl) / dx
-        through_yu = lambda A: _pull(lambda x: D(x, yu), x_aval, A)
-        through_xl = lambda A: _pull(lambda y: D(xl, y), y_aval, A)
-        G_l, G_u = D(xl, yl), D(xl, yu)  # the planes' constant terms, negated
-        rows = lambda A: 0 if A is None else A.shape[0]
-        nl, nu = rows(lA), rows(uA)
-        zero = lambda A: jnp.zeros((0,) + A.shape[1:], A.dtype)
-        ref = lA if lA is not None else uA
-        lpos, lneg = _pos_neg(lA) if lA is not None else (zero(ref), zero(ref))
-        upos, uneg = _pos_neg(uA) if uA is not None else (zero(ref), zero(ref))
-        # Lower bounds: A+ takes the lower plane (slope yl on x), A- the upper (yu);
-        # upper bounds the reverse. Both planes have slope xl on y: no sign split there.
-        on_yl = through_yl(jnp.concatenate([lpos, uneg]))
-        on_yu = through_yu(jnp.concatenate([lneg, upos]))
-        on_xl = through_xl(jnp.concatenate([lpos + lneg, upos + uneg]))
-        lA_x, uA_x = on_yl[:nl] + on_yu[:nl], on_yl[nl:] + on_yu[nl:]
-        lA_y, uA_y = on_xl[:nl], on_xl[nl:]
-        lbias = -_rowsum(lpos * G_l + lneg * G_u) if lA is not None else 0.0
-        ubias = -_rowsum(upos * G_u + uneg * G_l) if uA is not None else 0.0
-        keep = lambda t, A: None if A is None else t
-        grads = [(keep(lA_x, lA), keep(uA_x, uA)), (keep(lA_y, lA), keep(uA_y, uA))]
-        return grads, lbias, ubias
+        present = [A for A in (lA, uA) if A is not None]
+        n = present[0].shape[0] if lA is not None else 0
+        pos = jnp.concatenate([jnp.maximum(A, 0) for A in present])
+        neg = jnp.concatenate([jnp.minimum(A, 0) for A in present])
+        # Rows of lA: A+ takes the lower plane (slope yl on x), A- the upper (yu);
+        # rows of uA the reverse. Both planes have slope xl on y: no sign split there.
+        first = (jnp.arange(pos.shape[0]) < n).reshape((-1,) + (1,) * (pos.ndim - 1))
+        on_yl = jnp.where(first, pos, neg)  # the rows that meet the lower plane
+        on_yu = jnp.where(first, neg, pos)  # ... and the upper one
+        A_x = _pull(lambda x: D(x, yl), x_aval, on_yl) + _pull(lambda x: D(x, yu), x_aval, on_yu)
+        A_y = _pull(lambda y: D(xl, y), y_aval, pos + neg)
+        bias = -(_rowsum(on_yl * D(xl, yl)) + _rowsum(on_yu * D(xl, yu)))
+        split = lambda t: (t[:n] if lA is not None else None, t[n:] if uA is not None else None)
+        lbias, ubias = split(bias)
+        return [split(A_x), split(A_y)], (0.0 if lbias is None else lbias), (0.0 if ubias is None else ubias)
 
     # --------------------------------------------------------------- forward
 
@@ -159,8 +153,10 @@ class ByPerturbation(Rule):
     ``product`` when both are. Every method delegates by the operands it is given;
     :meth:`resolve` names the rule for an equation, for a core that asks.
 
-    ``needs_bounds`` is True for both cases (the registry gives no per-equation
-    answer): reading bounds for a linear product is sound, only extra work."""
+    ``needs_bounds`` is True for both cases: the methods read it from the registered
+    rule, with no equation to ask about. That is sound for a linear product, but
+    loosens some bounds (see :func:`install`); a core whose ``lookup`` returns
+    ``rule.resolve(eqn, perturbed)`` reads it from the resolved rule instead."""
 
     needs_bounds = True
 
@@ -180,7 +176,7 @@ class ByPerturbation(Rule):
     def interval(self, eqn, ops):
         return self._pick(ops).interval(eqn, ops)
 
-    def backward(self, eqn, ops, lA, uA):
+    def backward(self, eqn, ops, lA, uA, alpha=None):
         return self._pick(ops).backward(eqn, ops, lA, uA)
 
     def forward(self, eqn, ops):
@@ -193,13 +189,24 @@ class ByPerturbation(Rule):
 
 
 PRODUCT = Product()
+PRIMITIVES = (P.mul_p, P.dot_general_p)
 
 
-def _install(prim):
-    current = RULES.get(prim)
-    linear = current.linear if isinstance(current, ByPerturbation) else (current or LinearRule(single=True))
-    register(ByPerturbation(linear, PRODUCT), prim)
+def install() -> dict:
+    """Register :class:`ByPerturbation` for ``mul`` and ``dot_general`` around the
+    rules registered there now; returns those rules (``RULES.update`` restores them)."""
+    previous = {p: RULES.get(p) for p in PRIMITIVES}
+    for prim, current in previous.items():
+        linear = current.linear if isinstance(current, ByPerturbation) else (current or LinearRule(single=True))
+        register(ByPerturbation(linear, PRODUCT), prim)
+    return previous
 
 
-_install(P.mul_p)
-_install(P.dot_general_p)
+# The methods read ``needs_bounds`` from the registered rule. Registered here, the
+# dispatcher would make every linear ``mul``/``dot_general`` read bounds, which
+# loosens IBP under L2 sets (the exact affine prefix stops at the first layer) and
+# IBP/forward with a spec (the spec no longer fuses into the last linear layer).
+# So it is registered on import only once the core resolves a rule per equation
+# (``Rule.resolve``, used by ``lookup``); until then call :func:`install`.
+if hasattr(Rule, "resolve"):
+    install()

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlirpa._compat import lax_primitives as P
+from jaxlirpa._compat import lax_primitives as P, stack_p
 from jaxlirpa.rules.base import Interval, LinearBounds, Perturbed, Rule, register
 
 _SCALINGS = {P.mul_p, P.div_p, P.dot_general_p, P.conv_general_dilated_p}
@@ -223,3 +223,5 @@ register(LinearRule(constant=(0,)), P.select_n_p)
 register(LinearRule(only=(0, 1)), P.dynamic_update_slice_p)
 register(LinearRule(only=(0, 2)), P.scatter_add_p)
 register(IdentityRule(), P.stop_gradient_p, P.copy_p)
+if stack_p is not None:
+    register(LINEAR, stack_p)

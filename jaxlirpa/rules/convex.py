@@ -1,0 +1,569 @@
+"""Functions convex or concave on each piece of their domain: ``exp``, ``exp2``,
+``expm1``, ``log``, ``log1p``, ``sqrt``, ``rsqrt``, ``square``, ``integer_pow``
+(any integer power), ``pow`` with a constant exponent (or a constant positive
+base), and ``c / x`` (:class:`DivByPerturbed`, for ``div`` through
+:class:`DivByPerturbation`: see there for when it is registered).
+
+Relaxations are auto_LiRPA's: on a convex piece the upper line is the chord
+and the lower line the tangent at the midpoint ``m = (l + u) / 2``
+(``exp``: at ``min(m, l + 0.99)``, as ``BoundExp``); on a concave piece the
+roles swap (``BoundLog``, ``BoundSqrt``: chord below, tangent at ``m`` above).
+``x ** y`` for odd ``y >= 3`` on an interval around 0 (concave then convex) is
+``-(S-shaped)``: it takes :func:`jaxlirpa.rules.sshape.s_shaped_relaxation` of
+``-x ** y``. Even powers use the tangent at ``m`` below also when the interval
+holds 0 (auto_LiRPA's ``BoundPow`` uses the line ``0`` there; neither line is
+uniformly tighter, the tangent has the smaller area).
+
+Domains. ``log``/``rsqrt`` need ``l > 0``, ``log1p`` ``l > -1``, ``sqrt``
+``l >= 0``, negative powers and ``c / x`` an interval without 0, fractional
+powers ``l >= 0`` (``l > 0`` if negative). With concrete bounds (a rule called
+eagerly) an interval outside raises ``ValueError`` naming the operation and
+the first offending bounds. Under tracing (``jaxlirpa.bound`` is jitted) the
+bounds cannot be inspected, and clamping ``l`` into the domain would be
+unsound (the function is ``-inf`` or NaN there), so those elements get the
+uninformative image ``[-inf, +inf]`` and the relaxation ``0 * x -+ inf``:
+sound, and impossible to mistake for a proof. These rules' CROWN and forward
+passes (:class:`InfSafeRule`) keep such an element from touching the bounds
+that do not depend on it; those that do become infinite (or NaN where a later
+rule multiplies them by 0), never finite and wrong. Likewise, where ``f``
+overflows at a bound (``exp`` of 89 in float32) or a bound is infinite, the
+relaxation is the constant pair of lines at the image. Everything is computed
+on inputs moved into the domain first, so values and gradients are NaN-free.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxlirpa._compat import lax_primitives as P
+from jaxlirpa.rules.base import (RULES, ElementwiseRule, LinearBounds, Perturbed, Relaxation, Rule, _pos_neg, _rowsum,
+                                 register)
+from jaxlirpa.rules.sshape import s_shaped_relaxation
+
+
+def _floats(l, u):
+    l, u = jnp.asarray(l), jnp.asarray(u)
+    dtype = jnp.result_type(l, u)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.float32
+    return jnp.broadcast_arrays(l.astype(dtype), u.astype(dtype))
+
+
+def _concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def check_domain(op: str, domain: str, l, u, bad) -> None:
+    """Raise ``ValueError`` if the concrete mask ``bad`` flags any element; no-op under tracing."""
+    if not _concrete(l, u, bad):
+        return
+    bad = np.asarray(bad)
+    if not bad.any():
+        return
+    l, u = np.broadcast_to(np.asarray(l), bad.shape), np.broadcast_to(np.asarray(u), bad.shape)
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f"{op}: input bounds [{float(l[idx]):.9g}, {float(u[idx]):.9g}] (element {idx}) leave the domain {domain}; "
+        f"{int(bad.sum())} of {bad.size} elements do. The function is infinite or undefined there, "
+        f"so no finite bound exists: tighten the input set or the bounds feeding this {op}."
+    )
+
+
+def _unbounded(bad, r: Relaxation) -> Relaxation:
+    inf = jnp.asarray(jnp.inf, r.lb.dtype)
+    return Relaxation(jnp.where(bad, 0, r.lw), jnp.where(bad, -inf, r.lb),
+                      jnp.where(bad, 0, r.uw), jnp.where(bad, inf, r.ub))
+
+
+def _unbounded_image(bad, lo, hi):
+    inf = jnp.asarray(jnp.inf, lo.dtype)
+    return jnp.where(bad, -inf, lo), jnp.where(bad, inf, hi)
+
+
+def _chord(l, u, fl, fu, df_l):
+    """Slope and intercept of the chord; the tangent at ``l`` where ``l == u``."""
+    wide = u > l
+    k = jnp.where(wide, (fu - fl) / jnp.where(wide, u - l, 1.0), df_l)
+    return k, fl - k * l
+
+
+def _tangent(x, fx, dfx):
+    return dfx, fx - dfx * x
+
+
+def convex_relaxation(l, u, fl, fu, df_l, m, fm, df_m) -> Relaxation:
+    """Convex ``f``: tangent at ``m`` below, chord above."""
+    (kc, bc), (kt, bt) = _chord(l, u, fl, fu, df_l), _tangent(m, fm, df_m)
+    return Relaxation(kt, bt, kc, bc)
+
+
+def concave_relaxation(l, u, fl, fu, df_l, m, fm, df_m) -> Relaxation:
+    """Concave ``f``: chord below, tangent at ``m`` above."""
+    (kc, bc), (kt, bt) = _chord(l, u, fl, fu, df_l), _tangent(m, fm, df_m)
+    return Relaxation(kc, bc, kt, bt)
+
+
+def _select(mask, a: Relaxation, b: Relaxation) -> Relaxation:
+    return Relaxation(*(jnp.where(mask, x, y) for x, y in zip(a, b)))
+
+
+def _finite_image(l, u, bad, safe, image):
+    """``image`` on domain-safe inputs, and where it (or a bound) is not finite, which elements
+    the values come from: gradients flow through the finite elements only (``0 * inf``
+    cotangents would be NaN)."""
+    lo0, hi0 = (lax.stop_gradient(t) for t in image(jnp.where(bad, safe, l), jnp.where(bad, safe, u)))
+    flat = ~bad & ~(jnp.isfinite(l) & jnp.isfinite(u) & jnp.isfinite(lo0) & jnp.isfinite(hi0))
+    move = bad | flat
+    lo, hi = image(jnp.where(move, safe, l), jnp.where(move, safe, u))
+    return jnp.where(flat, lo0, lo), jnp.where(flat, hi0, hi), flat, move
+
+
+def _image_of(l, u, bad, safe, image):
+    lo, hi, _, _ = _finite_image(l, u, bad, safe, image)
+    return _unbounded_image(bad, lo, hi)
+
+
+def _guarded(l, u, bad, safe, image, relax) -> Relaxation:
+    """``relax`` where the bounds are in the domain and the image is finite; constant
+    lines at the image where a bound or the image is infinite (``exp`` overflowing,
+    ``log`` of an unbounded interval); ``0 * x -+ inf`` where out of the domain.
+    ``image`` and ``relax`` see only domain-safe (and, for ``relax``, finite) inputs."""
+    lo, hi, flat, move = _finite_image(l, u, bad, safe, image)
+    r = relax(jnp.where(move, safe, l), jnp.where(move, safe, u))
+    zero = jnp.zeros_like(lo)
+    return _unbounded(bad, _select(flat, Relaxation(zero, jnp.where(bad, 0, lo), zero, jnp.where(bad, 0, hi)), r))
+
+
+def _mul(a, b):
+    """``a * b`` where a zero coefficient ignores an infinite offset (``0 * inf = 0``)."""
+    return a * jnp.where(a == 0, 0, b)
+
+
+class InfSafeRule(ElementwiseRule):
+    """An elementwise rule whose relaxation offsets may be infinite (out-of-domain or
+    overflowing elements): the CROWN and forward passes skip them where their
+    coefficient is 0, so one unbounded element leaves the other outputs finite."""
+
+    def backward(self, eqn, ops, lA, uA, alpha=None):
+        if alpha is not None:  # optimisable subclasses (none yet): the base pass
+            return super().backward(eqn, ops, lA, uA, alpha=alpha)
+        r = self._relaxation(eqn, ops)
+        lbias = ubias = 0.0
+        if lA is not None:
+            pos, neg = _pos_neg(lA)
+            lbias = _rowsum(_mul(pos, r.lb) + _mul(neg, r.ub))
+            lA = pos * r.lw + neg * r.uw
+        if uA is not None:
+            pos, neg = _pos_neg(uA)
+            ubias = _rowsum(_mul(pos, r.ub) + _mul(neg, r.lb))
+            uA = pos * r.uw + neg * r.lw
+        grads = [(lA, uA) if isinstance(o, Perturbed) else None for o in ops]
+        return grads, lbias, ubias
+
+    def forward(self, eqn, ops):
+        x, _ = self.split(eqn, ops)
+        r = self._relaxation(eqn, ops)
+        lw, lb, uw, ub = x.linear
+        lpos, lneg = _pos_neg(r.lw)
+        upos, uneg = _pos_neg(r.uw)
+        return LinearBounds(
+            lw=lpos * lw + lneg * uw,
+            lb=_mul(lpos, lb) + _mul(lneg, ub) + r.lb,
+            uw=upos * uw + uneg * lw,
+            ub=_mul(upos, ub) + _mul(uneg, lb) + r.ub,
+        )
+
+
+class _Monotone(InfSafeRule):
+    """A monotone function, convex or concave on its domain (``bad(l, u)`` flags
+    intervals leaving it; ``safe`` is a point inside)."""
+
+    name = ""
+    domain = ""
+    convex = True
+    safe = 1.0
+
+    def f(self, x):
+        raise NotImplementedError
+
+    def df(self, x):
+        raise NotImplementedError
+
+    def bad(self, l, u):
+        return jnp.zeros(jnp.broadcast_shapes(jnp.shape(l), jnp.shape(u)), bool)
+
+    def tangent_point(self, l, u):
+        return (l + u) / 2
+
+    def _prepare(self, l, u):
+        l, u = _floats(l, u)
+        bad = self.bad(l, u)
+        check_domain(self.name, self.domain, l, u, bad)
+        return l, u, bad
+
+    def _image(self, l, u):
+        fl, fu = self.f(l), self.f(u)
+        return jnp.minimum(fl, fu), jnp.maximum(fl, fu)
+
+    def _relax(self, l, u):
+        m = self.tangent_point(l, u)
+        build = convex_relaxation if self.convex else concave_relaxation
+        return build(l, u, self.f(l), self.f(u), self.df(l), m, self.f(m), self.df(m))
+
+    def image(self, l, u):
+        l, u, bad = self._prepare(l, u)
+        return _image_of(l, u, bad, self.safe, self._image)
+
+    def relax(self, l, u):
+        l, u, bad = self._prepare(l, u)
+        return _guarded(l, u, bad, self.safe, self._image, self._relax)
+
+
+class Exp(_Monotone):
+    """``exp``: tangent at ``min(m, l + 0.99)`` below (auto_LiRPA's choice), chord above."""
+
+    name = "exp"
+    shift = 0.99
+
+    def f(self, x):
+        return jnp.exp(x)
+
+    df = f
+
+    def tangent_point(self, l, u):
+        return jnp.minimum((l + u) / 2, l + self.shift)
+
+
+class Exp2(Exp):
+    name = "exp2"
+    shift = 0.99 / math.log(2)
+
+    def f(self, x):
+        return jnp.exp2(x)
+
+    def df(self, x):
+        return math.log(2) * jnp.exp2(x)
+
+
+class Expm1(Exp):
+    name = "expm1"
+
+    def f(self, x):
+        return jnp.expm1(x)
+
+    def df(self, x):
+        return jnp.exp(x)
+
+
+class Log(_Monotone):
+    name, domain, convex = "log", "x > 0", False
+
+    def f(self, x):
+        return jnp.log(x)
+
+    def df(self, x):
+        return 1 / x
+
+    def bad(self, l, u):
+        return l <= 0
+
+
+class Log1p(_Monotone):
+    name, domain, convex = "log1p", "x > -1", False
+
+    def f(self, x):
+        return jnp.log1p(x)
+
+    def df(self, x):
+        return 1 / (1 + x)
+
+    def bad(self, l, u):
+        return l <= -1
+
+
+def _sqrt0(x):
+    """``sqrt`` with a zero (not infinite) gradient at 0."""
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
+class Sqrt(_Monotone):
+    name, domain, convex = "sqrt", "x >= 0", False
+
+    def f(self, x):
+        return _sqrt0(x)
+
+    def df(self, x):  # only used at m > 0, or at l == u == 0 where the slope is irrelevant
+        pos = x > 0
+        return jnp.where(pos, 0.5 / jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+    def bad(self, l, u):
+        return l < 0
+
+
+class Rsqrt(_Monotone):
+    name, domain, convex = "rsqrt", "x > 0", True
+
+    def f(self, x):
+        return lax.rsqrt(x)
+
+    def df(self, x):
+        return -0.5 * lax.rsqrt(x) / x
+
+    def bad(self, l, u):
+        return l <= 0
+
+
+# ---------------------------------------------------------------------------------------------
+# powers
+
+
+def _pow(x, c):
+    """``x ** c`` for a constant ``c``; NaN-free gradients at ``x == 0``."""
+    if _concrete(c) and np.ndim(c) == 0 and float(c) == round(float(c)) and abs(float(c)) < 2**31:
+        c = int(c)
+        if c >= 0:
+            return lax.integer_pow(x, c) if c else jnp.ones_like(x)
+        zero = x == 0
+        return jnp.where(zero, jnp.inf, lax.integer_pow(jnp.where(zero, 1.0, x), c))
+    c = jnp.asarray(c, x.dtype)
+    zero = x == 0
+    at_zero = jnp.where(c > 0, 0.0, jnp.where(c == 0, 1.0, jnp.inf))
+    return jnp.where(zero, at_zero, jnp.power(jnp.where(zero, 1.0, x), c))
+
+
+def _dpow(x, c):
+    """``c * x ** (c - 1)``: at ``x == 0`` 0 if ``c == 0`` and ``inf`` if ``c < 1``; NaN-free gradients."""
+    if _concrete(c) and np.ndim(c) == 0 and float(c) == 0:
+        return jnp.zeros_like(x)
+    ca = jnp.asarray(c, x.dtype)
+    sing = (x == 0) & (ca < 1)
+    val = ca * _pow(jnp.where(sing, 1.0, x), c - 1)
+    return jnp.where(sing, jnp.where(ca == 0, 0.0, jnp.inf), val)
+
+
+def _power_kinds(c):
+    """Flags of the exponent (numpy when concrete, else jnp): integer, even, odd."""
+    mod = np if _concrete(c) else jnp
+    c = mod.asarray(c)
+    is_int = c == mod.round(c)
+    even = is_int & (mod.mod(c, 2) == 0)
+    return c, is_int, even, is_int & ~even
+
+
+def _pow_domain(c) -> str:
+    if _concrete(c) and np.ndim(c) == 0:
+        c = float(c)
+        if c == round(c):
+            return f"of x ** {int(c)}: x != 0" if c < 0 else "of all reals"
+        return f"of x ** {c}: " + ("x > 0" if c < 0 else "x >= 0")
+    return "of x ** c: x != 0 for c < 0, x >= 0 for fractional c"
+
+
+def power_domain_bad(l, u, c):
+    _, is_int, _, _ = _power_kinds(c)
+    return (~is_int & (l < 0)) | ((c < 0) & (l <= 0) & (u >= 0))
+
+
+def _power_image(l, u, c):
+    c, _, even, _ = _power_kinds(c)
+    fl, fu = _pow(l, c), _pow(u, c)
+    lo, hi = jnp.minimum(fl, fu), jnp.maximum(fl, fu)
+    return jnp.where(even & (c > 0) & (l < 0) & (u > 0), 0.0, lo), hi
+
+
+def _power_relax(l, u, c) -> Relaxation:
+    c, _, _, odd = _power_kinds(c)
+    pos, neg = l >= 0, u <= 0
+    concave = (pos & (c > 0) & (c < 1)) | (neg & odd)
+    point0 = concave & (u == 0)  # 0 < c < 1 on [0, 0]: infinite tangent slope; f == 0 there
+    m = jnp.where(point0, 1.0, (l + u) / 2)
+    df_l = jnp.where(point0, 0.0, _dpow(l, c))
+    args = (l, u, _pow(l, c), _pow(u, c), df_l, m, _pow(m, c), _dpow(m, c))
+    r = _select(concave, concave_relaxation(*args), convex_relaxation(*args))
+    r = _select(point0, Relaxation(*(jnp.zeros_like(l),) * 4), r)
+    if not _concrete(c) or np.any(odd & (c >= 3)):  # odd powers >= 3 around 0: -(S-shaped)
+        cc = jnp.asarray(c, l.dtype)
+        s = s_shaped_relaxation(lambda x: -_pow(x, cc), lambda x: -_dpow(x, cc), l, u)
+        r = _select(~pos & ~neg & odd & (c >= 3), Relaxation(-s.uw, -s.ub, -s.lw, -s.lb), r)
+    return r
+
+
+def power_image(l, u, c, op="pow"):
+    """Exact range of ``x ** c`` on ``[l, u]`` (constant ``c``)."""
+    l, u = _floats(l, u)
+    bad = power_domain_bad(l, u, c)
+    check_domain(op, _pow_domain(c), l, u, bad)
+    return _image_of(l, u, bad, 1.0, lambda l, u: _power_image(l, u, c))
+
+
+def power_relaxation(l, u, c, op="pow") -> Relaxation:
+    """Relaxation of ``x ** c`` on ``[l, u]`` (constant ``c``, scalar or elementwise).
+
+    Convex pieces (``l >= 0`` and ``c`` outside ``(0, 1)``; even ``c``
+    anywhere) take the convex relaxation, concave pieces (``l >= 0``,
+    ``0 < c < 1``; ``u <= 0``, odd ``c``) the concave one, odd ``c >= 3``
+    around 0 the negated S-shaped one.
+    """
+    l, u = _floats(l, u)
+    bad = power_domain_bad(l, u, c)
+    check_domain(op, _pow_domain(c), l, u, bad)
+    return _guarded(l, u, bad, 1.0, lambda l, u: _power_image(l, u, c), lambda l, u: _power_relax(l, u, c))
+
+
+class IntegerPow(InfSafeRule):
+    """``integer_pow`` (``x ** y`` for a Python int ``y``, read from the equation's params)."""
+
+    def split(self, eqn, ops):
+        x, consts = super().split(eqn, ops)
+        return x, [*consts, eqn.params["y"]]
+
+    def image(self, l, u, y):
+        return power_image(l, u, y, op=f"integer_pow (y={y})")
+
+    def relax(self, l, u, y):
+        return power_relaxation(l, u, y, op=f"integer_pow (y={y})")
+
+
+class Square(IntegerPow):
+    """``square``: ``x ** 2``."""
+
+    def split(self, eqn, ops):
+        x, consts = ElementwiseRule.split(self, eqn, ops)
+        return x, [*consts, 2]
+
+
+class Pow(InfSafeRule):
+    """``pow(x, c)`` with a constant exponent ``c`` (see :func:`power_relaxation`), or
+    ``pow(c, x)`` with a constant base ``c > 0``: ``exp(x log c)``, convex."""
+
+    def split(self, eqn, ops):
+        if isinstance(ops[0], Perturbed):
+            return ops[0], [ops[1], 0]
+        return ops[1], [ops[0], 1]
+
+    def _base(self, l, u, c):
+        l, u = _floats(l, u)
+        c = jnp.asarray(c, l.dtype)
+        bad = (c <= 0) & jnp.ones_like(l, bool)
+        domain = f"of c ** x with base c = {float(c) if c.ndim == 0 and _concrete(c) else 'c'}: needs c > 0"
+        check_domain("pow", domain, l, u, bad)
+        log_c = jnp.log(jnp.where(bad, 1.0, c))
+        f = lambda x: jnp.exp(x * log_c)
+        image = lambda l, u: (jnp.minimum(f(l), f(u)), jnp.maximum(f(l), f(u)))
+        return l, u, bad, log_c, f, image
+
+    def image(self, l, u, c, which):
+        if which == 0:
+            return power_image(l, u, c)
+        l, u, bad, _, _, image = self._base(l, u, c)
+        return _image_of(l, u, bad, 0.0, image)
+
+    def relax(self, l, u, c, which):
+        if which == 0:
+            return power_relaxation(l, u, c)
+        l, u, bad, log_c, f, image = self._base(l, u, c)
+
+        def relax(l, u):
+            m = (l + u) / 2
+            return convex_relaxation(l, u, f(l), f(u), log_c * f(l), m, f(m), log_c * f(m))
+
+        return _guarded(l, u, bad, 0.0, image, relax)
+
+
+class DivByPerturbed(InfSafeRule):
+    """``c / x`` with a constant numerator ``c`` and a perturbed denominator whose
+    interval excludes 0: ``c`` times auto_LiRPA's ``BoundReciprocal``
+    relaxation (``1/x`` is convex for x > 0, concave for x < 0). ``div`` gets it
+    through :class:`DivByPerturbation` (see there for when it is registered)."""
+
+    op = "div (c / x)"
+
+    def accepts(self, eqn, perturbed):
+        return tuple(perturbed) == (False, True)
+
+    def image(self, l, u, c):
+        lo, hi = power_image(l, u, -1, op=self.op)
+        bad = power_domain_bad(*_floats(l, u), -1)
+        c = jnp.asarray(c, lo.dtype)
+        a, b = c * lo, c * hi
+        return _unbounded_image(bad, jnp.minimum(a, b), jnp.maximum(a, b))
+
+    def relax(self, l, u, c):
+        r = power_relaxation(l, u, -1, op=self.op)
+        bad = power_domain_bad(*_floats(l, u), -1)
+        c = jnp.asarray(c, r.lw.dtype)
+        scaled = Relaxation(*(c * t for t in r))
+        flipped = Relaxation(scaled.uw, scaled.ub, scaled.lw, scaled.lb)
+        return _unbounded(bad, _select(c >= 0, scaled, flipped))
+
+
+class DivByPerturbation(Rule):
+    """``div``: the linear rule for ``x / c``, :class:`DivByPerturbed` for ``c / x``.
+
+    The registry holds one rule per primitive and the methods read ``needs_bounds``
+    from the registered rule, with no equation to ask about; True here would make
+    every ``x / c`` (normalisation layers) read bounds: sound, but it loosens IBP
+    under L2 sets and with a spec, and costs CROWN passes. So, as
+    ``rules/bilinear.py``'s ``ByPerturbation``, it is registered on import only once
+    the core's ``lookup`` resolves a rule per equation (``Rule.resolve``); until
+    then :func:`install_div` registers it on demand (``RULES.update`` undoes it)."""
+
+    needs_bounds = True
+
+    def __init__(self, linear: Rule, reciprocal: Rule):
+        self.linear, self.reciprocal = linear, reciprocal
+
+    def accepts(self, eqn, perturbed):
+        return self.linear.accepts(eqn, perturbed) or self.reciprocal.accepts(eqn, perturbed)
+
+    def resolve(self, eqn, perturbed) -> Rule:
+        return self.reciprocal if self.reciprocal.accepts(eqn, perturbed) else self.linear
+
+    def _pick(self, ops) -> Rule:
+        return self.reciprocal if isinstance(ops[1], Perturbed) else self.linear
+
+    def interval(self, eqn, ops):
+        return self._pick(ops).interval(eqn, ops)
+
+    def backward(self, eqn, ops, lA, uA, alpha=None):
+        return self._pick(ops).backward(eqn, ops, lA, uA)
+
+    def forward(self, eqn, ops):
+        return self._pick(ops).forward(eqn, ops)
+
+    def pull_identity(self, eqn, ops):
+        shortcut = getattr(self._pick(ops), "pull_identity", None)
+        return None if shortcut is None else shortcut(eqn, ops)
+
+
+DIV_BY_PERTURBED = DivByPerturbed()
+
+register(Exp(), P.exp_p)
+register(Exp2(), P.exp2_p)
+register(Expm1(), P.expm1_p)
+register(Log(), P.log_p)
+register(Log1p(), P.log1p_p)
+register(Sqrt(), P.sqrt_p)
+register(Rsqrt(), P.rsqrt_p)
+register(IntegerPow(), P.integer_pow_p)
+register(Square(), P.square_p)
+register(Pow(), P.pow_p)
+
+
+def install_div() -> dict:
+    """Register :class:`DivByPerturbation` for ``div`` around the rule registered there
+    now (so ``c / x`` is bounded); returns the previous entry (``RULES.update`` restores it)."""
+    previous = {P.div_p: RULES.get(P.div_p)}
+    current = previous[P.div_p]
+    linear = current.linear if isinstance(current, DivByPerturbation) else current
+    register(DivByPerturbation(linear, DIV_BY_PERTURBED), P.div_p)
+    return previous
+
+
+if hasattr(Rule, "resolve"):  # the core picks a rule per equation: no cost for x / c
+    install_div()
