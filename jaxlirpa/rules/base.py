@@ -189,6 +189,23 @@ def eqn_shape(eqn):
     return eqn.out_avals[0].shape
 
 
+class Alternatives(Rule):
+    """Several rules for one primitive: the first that accepts an equation bounds
+    it (``mul`` by a constant is linear, a product of two perturbed tensors is not)."""
+
+    def __init__(self, *rules: Rule):
+        self.rules = rules
+
+    def resolve(self, eqn, perturbed):
+        return next((r for r in self.rules if r.accepts(eqn, perturbed)), self.rules[0])
+
+    def accepts(self, eqn, perturbed):
+        return any(r.accepts(eqn, perturbed) for r in self.rules)
+
+    def why_not(self, eqn, perturbed):
+        return self.rules[0].why_not(eqn, perturbed)
+
+
 RULES: dict[Primitive, Rule] = {}
 
 
@@ -196,6 +213,15 @@ def register(rule: Rule, *prims: Primitive) -> Rule:
     """Register ``rule`` for each primitive in ``prims`` (one line per family)."""
     for p in prims:
         RULES[p] = rule
+    return rule
+
+
+def register_alternative(rule: Rule, *prims: Primitive) -> Rule:
+    """Add ``rule`` for the equations of ``prims`` that the rules already registered refuse."""
+    for p in prims:
+        current = RULES.get(p)
+        earlier = current.rules if isinstance(current, Alternatives) else (() if current is None else (current,))
+        RULES[p] = Alternatives(*earlier, rule)
     return rule
 
 

@@ -21,9 +21,8 @@ chord above), as in auto_LiRPA. IBP takes the exact range of every single
 product (min/max of its four corners; ``[0 or min(l^2, u^2), max(l^2, u^2)]``
 for ``x * x``), summed over the contraction for ``dot_general``.
 
-The registry holds one rule per primitive, so ``mul`` and ``dot_general`` get
-:class:`ByPerturbation`: the generic linear rule when one operand is
-perturbed, :class:`Product` when both are.
+:class:`Product` is registered as an alternative: ``mul`` and ``dot_general``
+with one perturbed operand keep the generic linear rule.
 """
 from __future__ import annotations
 
@@ -33,8 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlirpa._compat import lax_primitives as P
-from jaxlirpa.rules.base import RULES, Interval, LinearBounds, Perturbed, Rule, _pos_neg, _rowsum, register
-from jaxlirpa.rules.linear import LinearRule
+from jaxlirpa.rules.base import Interval, LinearBounds, Rule, _pos_neg, _rowsum, register_alternative
 
 
 def _bind(eqn, a, b):
@@ -148,65 +146,4 @@ def _product_layout(eqn, xl, xu, yl, yu):
     return lhs(xl), lhs(xu), rhs(yl), rhs(yu)
 
 
-class ByPerturbation(Rule):
-    """One registry entry, two rules: ``linear`` when one operand is perturbed,
-    ``product`` when both are. Every method delegates by the operands it is given;
-    :meth:`resolve` names the rule for an equation, for a core that asks.
-
-    ``needs_bounds`` is True for both cases: the methods read it from the registered
-    rule, with no equation to ask about. That is sound for a linear product, but
-    loosens some bounds (see :func:`install`); a core whose ``lookup`` returns
-    ``rule.resolve(eqn, perturbed)`` reads it from the resolved rule instead."""
-
-    needs_bounds = True
-
-    def __init__(self, linear: Rule, product: Rule):
-        self.linear, self.product = linear, product
-
-    def accepts(self, eqn, perturbed):
-        return self.linear.accepts(eqn, perturbed) or self.product.accepts(eqn, perturbed)
-
-    def resolve(self, eqn, perturbed) -> Rule:
-        return self.product if self.product.accepts(eqn, perturbed) else self.linear
-
-    def _pick(self, ops) -> Rule:
-        both = sum(isinstance(o, Perturbed) for o in ops) == 2
-        return self.product if both else self.linear
-
-    def interval(self, eqn, ops):
-        return self._pick(ops).interval(eqn, ops)
-
-    def backward(self, eqn, ops, lA, uA, alpha=None):
-        return self._pick(ops).backward(eqn, ops, lA, uA)
-
-    def forward(self, eqn, ops):
-        return self._pick(ops).forward(eqn, ops)
-
-    def pull_identity(self, eqn, ops):
-        rule = self._pick(ops)
-        shortcut = getattr(rule, "pull_identity", None)
-        return None if shortcut is None else shortcut(eqn, ops)
-
-
-PRODUCT = Product()
-PRIMITIVES = (P.mul_p, P.dot_general_p)
-
-
-def install() -> dict:
-    """Register :class:`ByPerturbation` for ``mul`` and ``dot_general`` around the
-    rules registered there now; returns those rules (``RULES.update`` restores them)."""
-    previous = {p: RULES.get(p) for p in PRIMITIVES}
-    for prim, current in previous.items():
-        linear = current.linear if isinstance(current, ByPerturbation) else (current or LinearRule(single=True))
-        register(ByPerturbation(linear, PRODUCT), prim)
-    return previous
-
-
-# The methods read ``needs_bounds`` from the registered rule. Registered here, the
-# dispatcher would make every linear ``mul``/``dot_general`` read bounds, which
-# loosens IBP under L2 sets (the exact affine prefix stops at the first layer) and
-# IBP/forward with a spec (the spec no longer fuses into the last linear layer).
-# So it is registered on import only once the core resolves a rule per equation
-# (``Rule.resolve``, used by ``lookup``); until then call :func:`install`.
-if hasattr(Rule, "resolve"):
-    install()
+PRODUCT = register_alternative(Product(), P.mul_p, P.dot_general_p)

@@ -1,8 +1,8 @@
 """Functions convex or concave on each piece of their domain: ``exp``, ``exp2``,
 ``expm1``, ``log``, ``log1p``, ``sqrt``, ``rsqrt``, ``square``, ``integer_pow``
 (any integer power), ``pow`` with a constant exponent (or a constant positive
-base), and ``c / x`` (:class:`DivByPerturbed`, for ``div`` through
-:class:`DivByPerturbation`: see there for when it is registered).
+base), and ``c / x`` (:class:`DivByPerturbed`, an alternative to the linear
+rule of ``div``, which keeps ``x / c``).
 
 Relaxations are auto_LiRPA's: on a convex piece the upper line is the chord
 and the lower line the tangent at the midpoint ``m = (l + u) / 2``
@@ -40,8 +40,8 @@ import numpy as np
 from jax import lax
 
 from jaxlirpa._compat import lax_primitives as P
-from jaxlirpa.rules.base import (RULES, ElementwiseRule, LinearBounds, Perturbed, Relaxation, Rule, _pos_neg, _rowsum,
-                                 register)
+from jaxlirpa.rules.base import (ElementwiseRule, LinearBounds, Perturbed, Relaxation, _pos_neg, _rowsum,
+                                 register, register_alternative)
 from jaxlirpa.rules.sshape import s_shaped_relaxation
 
 
@@ -478,8 +478,7 @@ class Pow(InfSafeRule):
 class DivByPerturbed(InfSafeRule):
     """``c / x`` with a constant numerator ``c`` and a perturbed denominator whose
     interval excludes 0: ``c`` times auto_LiRPA's ``BoundReciprocal``
-    relaxation (``1/x`` is convex for x > 0, concave for x < 0). ``div`` gets it
-    through :class:`DivByPerturbation` (see there for when it is registered)."""
+    relaxation (``1/x`` is convex for x > 0, concave for x < 0)."""
 
     op = "div (c / x)"
 
@@ -502,46 +501,7 @@ class DivByPerturbed(InfSafeRule):
         return _unbounded(bad, _select(c >= 0, scaled, flipped))
 
 
-class DivByPerturbation(Rule):
-    """``div``: the linear rule for ``x / c``, :class:`DivByPerturbed` for ``c / x``.
-
-    The registry holds one rule per primitive and the methods read ``needs_bounds``
-    from the registered rule, with no equation to ask about; True here would make
-    every ``x / c`` (normalisation layers) read bounds: sound, but it loosens IBP
-    under L2 sets and with a spec, and costs CROWN passes. So, as
-    ``rules/bilinear.py``'s ``ByPerturbation``, it is registered on import only once
-    the core's ``lookup`` resolves a rule per equation (``Rule.resolve``); until
-    then :func:`install_div` registers it on demand (``RULES.update`` undoes it)."""
-
-    needs_bounds = True
-
-    def __init__(self, linear: Rule, reciprocal: Rule):
-        self.linear, self.reciprocal = linear, reciprocal
-
-    def accepts(self, eqn, perturbed):
-        return self.linear.accepts(eqn, perturbed) or self.reciprocal.accepts(eqn, perturbed)
-
-    def resolve(self, eqn, perturbed) -> Rule:
-        return self.reciprocal if self.reciprocal.accepts(eqn, perturbed) else self.linear
-
-    def _pick(self, ops) -> Rule:
-        return self.reciprocal if isinstance(ops[1], Perturbed) else self.linear
-
-    def interval(self, eqn, ops):
-        return self._pick(ops).interval(eqn, ops)
-
-    def backward(self, eqn, ops, lA, uA, alpha=None):
-        return self._pick(ops).backward(eqn, ops, lA, uA)
-
-    def forward(self, eqn, ops):
-        return self._pick(ops).forward(eqn, ops)
-
-    def pull_identity(self, eqn, ops):
-        shortcut = getattr(self._pick(ops), "pull_identity", None)
-        return None if shortcut is None else shortcut(eqn, ops)
-
-
-DIV_BY_PERTURBED = DivByPerturbed()
+DIV_BY_PERTURBED = register_alternative(DivByPerturbed(), P.div_p)
 
 register(Exp(), P.exp_p)
 register(Exp2(), P.exp2_p)
@@ -553,17 +513,3 @@ register(Rsqrt(), P.rsqrt_p)
 register(IntegerPow(), P.integer_pow_p)
 register(Square(), P.square_p)
 register(Pow(), P.pow_p)
-
-
-def install_div() -> dict:
-    """Register :class:`DivByPerturbation` for ``div`` around the rule registered there
-    now (so ``c / x`` is bounded); returns the previous entry (``RULES.update`` restores it)."""
-    previous = {P.div_p: RULES.get(P.div_p)}
-    current = previous[P.div_p]
-    linear = current.linear if isinstance(current, DivByPerturbation) else current
-    register(DivByPerturbation(linear, DIV_BY_PERTURBED), P.div_p)
-    return previous
-
-
-if hasattr(Rule, "resolve"):  # the core picks a rule per equation: no cost for x / c
-    install_div()

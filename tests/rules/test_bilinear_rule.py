@@ -18,9 +18,7 @@
   CROWN softmax-input bounds, and the ``mul_exp`` model its IBP, CROWN,
   CROWN-IBP and Forward bounds.
 
-The rule is registered for this module by ``bilinear.install()`` and the registry
-restored afterwards (``bilinear`` registers itself on import once the core's
-``lookup`` resolves a rule per equation).
+``mul`` and ``dot_general`` resolve to the product rule when both operands are perturbed.
 """
 from __future__ import annotations
 
@@ -35,11 +33,11 @@ import pytest
 from jax import lax
 
 import jaxlirpa
-from jaxlirpa import api
 from jaxlirpa._compat import lax_primitives as P
 from jaxlirpa.graph import trace
 from jaxlirpa.rules import bilinear
 from jaxlirpa.rules.base import RULES, Interval, Perturbed
+from jaxlirpa.rules.linear import LinearRule
 from jaxlirpa.testing import assert_sound
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -60,15 +58,6 @@ W1, W2, WS = _w(6, 5), _w(6, 5), _w(6)
 B1, B2 = _w(5) + 0.5, _w(5) - 0.3
 WQ, WK, WV = _w(6, 4), _w(6, 4), _w(6, 4)
 WA, WB = _w(24, 96), _w(24, 120)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def products():
-    previous = bilinear.install()
-    api._CACHE.clear()
-    yield
-    RULES.update(previous)
-    api._CACHE.clear()  # compiled bounds that used the products
 
 
 def _heads(h):  # (tokens, 4) -> (2 heads, tokens, 2)
@@ -109,7 +98,7 @@ X = jnp.asarray(_rng.uniform(-1, 1, size=(1, 4, 6)), jnp.float32)
 
 
 @pytest.fixture(scope="module")
-def eager(products):
+def eager():
     """Each method's bounds of ``f_all``, checked by ``assert_sound``."""
     return {m: assert_sound(f_all, X, EPS, method=m, **CHECK) for m in METHODS}
 
@@ -297,7 +286,7 @@ def test_one_perturbed_operand_stays_linear():
         np.testing.assert_allclose(b.upper, fn(x) + rad, rtol=1e-5, atol=1e-5)
     rule = RULES[P.mul_p]
     eqn = trace(lambda a, b: a * b, [x, x], [True, True])[0].eqns[0]
-    assert rule.resolve(eqn, (True, False)) is rule.linear
+    assert isinstance(rule.resolve(eqn, (True, False)), LinearRule)
     assert rule.resolve(eqn, (True, True)) is bilinear.PRODUCT
 
 
@@ -322,12 +311,21 @@ def test_attention_scores_match_auto_lirpa():
         b = jaxlirpa.bound(fn, jnp.asarray(case.x0), jaxlirpa.LinfBall(S.eps), method=method)
         rl, ru = S.interm[ref][interm]
         width = float(np.max(ru - rl))
-        assert _close(b.lower, rl, width) and _close(b.upper, ru, width), (method, ref)
+        if method in ("crown", "forward"):
+            tol = 5e-4 * width
+            assert np.all(np.asarray(b.lower) >= rl - tol) and np.all(np.asarray(b.upper) <= ru + tol), (method, ref)
+        else:
+            assert _close(b.lower, rl, width) and _close(b.upper, ru, width), (method, ref)
 
 
 @needs_oracle
 def test_mul_exp_matches_auto_lirpa():
-    """``exp(fa(x) * fb(x))`` then a linear layer: IBP, CROWN, CROWN-IBP and Forward."""
+    """``exp(fa(x) * fb(x))`` then a linear layer: IBP, CROWN, CROWN-IBP and Forward.
+    CROWN and forward meet their intermediate bounds with IBP's, which here is tighter
+    on the product (auto_LiRPA's CROWN_pure does not). That moves exp's midpoint
+    tangent, and tangent relaxations are not monotone in their input interval: the
+    lower bounds get tighter by up to 2e-2 of the width, one upper bound looser by
+    2.6e-4 of it (in the closing notes)."""
     if P.exp_p not in RULES:
         pytest.skip("no rule for exp yet")
     case = oracle.load_case("mul_exp")
@@ -336,6 +334,10 @@ def test_mul_exp_matches_auto_lirpa():
         b = jaxlirpa.bound(case.fn, jnp.asarray(case.x0), jaxlirpa.LinfBall(S.eps), method=method)
         rl, ru = S.methods[ref]
         width = float(np.max(ru - rl))
-        assert _close(b.lower, rl, width) and _close(b.upper, ru, width), (method, ref)
+        if method in ("crown", "forward"):
+            tol = 5e-4 * width
+            assert np.all(np.asarray(b.lower) >= rl - tol) and np.all(np.asarray(b.upper) <= ru + tol), (method, ref)
+        else:
+            assert _close(b.lower, rl, width) and _close(b.upper, ru, width), (method, ref)
         assert np.all(np.asarray(b.lower).reshape(-1) <= S.emp_min.reshape(-1) + 1e-6)
         assert np.all(np.asarray(b.upper).reshape(-1) >= S.emp_max.reshape(-1) - 1e-6)
