@@ -88,6 +88,21 @@ class Rule:
         raise NotImplementedError
 
 
+def float_pair(l, u):
+    """``l`` and ``u`` as arrays of one floating dtype, broadcast together."""
+    l, u = jnp.asarray(l), jnp.asarray(u)
+    dtype = jnp.result_type(l, u)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.float32
+    return jnp.broadcast_arrays(l.astype(dtype), u.astype(dtype))
+
+
+def _mul(a, b):
+    """``a * b`` with ``0 * inf = 0``: an infinite offset (an out-of-domain or
+    overflowing element) must not touch the bounds where its coefficient is 0."""
+    return a * jnp.where(a == 0, 0, b)  # the zero sits inside: gradients stay finite too
+
+
 def _pos_neg(A):
     return jnp.maximum(A, 0), jnp.minimum(A, 0)
 
@@ -135,12 +150,12 @@ class ElementwiseRule(Rule):
         if lA is not None:
             pos, neg = _pos_neg(lA)
             lw, lb = lines(None if alpha is None else alpha[0])
-            lbias = _rowsum(pos * lb + neg * r.ub)
+            lbias = _rowsum(_mul(pos, lb) + _mul(neg, r.ub))
             lA = pos * lw + neg * r.uw
         if uA is not None:
             pos, neg = _pos_neg(uA)
             lw, lb = lines(None if alpha is None else alpha[1])
-            ubias = _rowsum(pos * r.ub + neg * lb)
+            ubias = _rowsum(_mul(pos, r.ub) + _mul(neg, lb))
             uA = pos * r.uw + neg * lw
         grads = [(lA, uA) if isinstance(o, Perturbed) else None for o in ops]
         return grads, lbias, ubias
@@ -173,9 +188,9 @@ class ElementwiseRule(Rule):
         upos, uneg = _pos_neg(r.uw)
         return LinearBounds(
             lw=lpos * lw + lneg * uw,
-            lb=lpos * lb + lneg * ub + r.lb,
+            lb=_mul(lpos, lb) + _mul(lneg, ub) + r.lb,
             uw=upos * uw + uneg * lw,
-            ub=upos * ub + uneg * lb + r.ub,
+            ub=_mul(upos, ub) + _mul(uneg, lb) + r.ub,
         )
 
     def image(self, l, u, *params):

@@ -23,7 +23,7 @@ bounds cannot be inspected, and clamping ``l`` into the domain would be
 unsound (the function is ``-inf`` or NaN there), so those elements get the
 uninformative image ``[-inf, +inf]`` and the relaxation ``0 * x -+ inf``:
 sound, and impossible to mistake for a proof. These rules' CROWN and forward
-passes (:class:`InfSafeRule`) keep such an element from touching the bounds
+passes (:class:`ElementwiseRule`) keep such an element from touching the bounds
 that do not depend on it; those that do become infinite (or NaN where a later
 rule multiplies them by 0), never finite and wrong. Likewise, where ``f``
 overflows at a bound (``exp`` of 89 in float32) or a bound is infinite, the
@@ -40,17 +40,8 @@ import numpy as np
 from jax import lax
 
 from jaxlirpa._compat import lax_primitives as P
-from jaxlirpa.rules.base import (ElementwiseRule, LinearBounds, Perturbed, Relaxation, _pos_neg, _rowsum,
-                                 register, register_alternative)
+from jaxlirpa.rules.base import ElementwiseRule, Perturbed, Relaxation, float_pair, register, register_alternative
 from jaxlirpa.rules.sshape import s_shaped_relaxation
-
-
-def _floats(l, u):
-    l, u = jnp.asarray(l), jnp.asarray(u)
-    dtype = jnp.result_type(l, u)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        dtype = jnp.float32
-    return jnp.broadcast_arrays(l.astype(dtype), u.astype(dtype))
 
 
 def _concrete(*xs) -> bool:
@@ -138,47 +129,7 @@ def _guarded(l, u, bad, safe, image, relax) -> Relaxation:
     return _unbounded(bad, _select(flat, Relaxation(zero, jnp.where(bad, 0, lo), zero, jnp.where(bad, 0, hi)), r))
 
 
-def _mul(a, b):
-    """``a * b`` where a zero coefficient ignores an infinite offset (``0 * inf = 0``)."""
-    return a * jnp.where(a == 0, 0, b)
-
-
-class InfSafeRule(ElementwiseRule):
-    """An elementwise rule whose relaxation offsets may be infinite (out-of-domain or
-    overflowing elements): the CROWN and forward passes skip them where their
-    coefficient is 0, so one unbounded element leaves the other outputs finite."""
-
-    def backward(self, eqn, ops, lA, uA, alpha=None):
-        if alpha is not None:  # optimisable subclasses (none yet): the base pass
-            return super().backward(eqn, ops, lA, uA, alpha=alpha)
-        r = self._relaxation(eqn, ops)
-        lbias = ubias = 0.0
-        if lA is not None:
-            pos, neg = _pos_neg(lA)
-            lbias = _rowsum(_mul(pos, r.lb) + _mul(neg, r.ub))
-            lA = pos * r.lw + neg * r.uw
-        if uA is not None:
-            pos, neg = _pos_neg(uA)
-            ubias = _rowsum(_mul(pos, r.ub) + _mul(neg, r.lb))
-            uA = pos * r.uw + neg * r.lw
-        grads = [(lA, uA) if isinstance(o, Perturbed) else None for o in ops]
-        return grads, lbias, ubias
-
-    def forward(self, eqn, ops):
-        x, _ = self.split(eqn, ops)
-        r = self._relaxation(eqn, ops)
-        lw, lb, uw, ub = x.linear
-        lpos, lneg = _pos_neg(r.lw)
-        upos, uneg = _pos_neg(r.uw)
-        return LinearBounds(
-            lw=lpos * lw + lneg * uw,
-            lb=_mul(lpos, lb) + _mul(lneg, ub) + r.lb,
-            uw=upos * uw + uneg * lw,
-            ub=_mul(upos, ub) + _mul(uneg, lb) + r.ub,
-        )
-
-
-class _Monotone(InfSafeRule):
+class _Monotone(ElementwiseRule):
     """A monotone function, convex or concave on its domain (``bad(l, u)`` flags
     intervals leaving it; ``safe`` is a point inside)."""
 
@@ -200,7 +151,7 @@ class _Monotone(InfSafeRule):
         return (l + u) / 2
 
     def _prepare(self, l, u):
-        l, u = _floats(l, u)
+        l, u = float_pair(l, u)
         bad = self.bad(l, u)
         check_domain(self.name, self.domain, l, u, bad)
         return l, u, bad
@@ -395,7 +346,7 @@ def _power_relax(l, u, c) -> Relaxation:
 
 def power_image(l, u, c, op="pow"):
     """Exact range of ``x ** c`` on ``[l, u]`` (constant ``c``)."""
-    l, u = _floats(l, u)
+    l, u = float_pair(l, u)
     bad = power_domain_bad(l, u, c)
     check_domain(op, _pow_domain(c), l, u, bad)
     return _image_of(l, u, bad, 1.0, lambda l, u: _power_image(l, u, c))
@@ -409,13 +360,13 @@ def power_relaxation(l, u, c, op="pow") -> Relaxation:
     ``0 < c < 1``; ``u <= 0``, odd ``c``) the concave one, odd ``c >= 3``
     around 0 the negated S-shaped one.
     """
-    l, u = _floats(l, u)
+    l, u = float_pair(l, u)
     bad = power_domain_bad(l, u, c)
     check_domain(op, _pow_domain(c), l, u, bad)
     return _guarded(l, u, bad, 1.0, lambda l, u: _power_image(l, u, c), lambda l, u: _power_relax(l, u, c))
 
 
-class IntegerPow(InfSafeRule):
+class IntegerPow(ElementwiseRule):
     """``integer_pow`` (``x ** y`` for a Python int ``y``, read from the equation's params)."""
 
     def split(self, eqn, ops):
@@ -437,7 +388,7 @@ class Square(IntegerPow):
         return x, [*consts, 2]
 
 
-class Pow(InfSafeRule):
+class Pow(ElementwiseRule):
     """``pow(x, c)`` with a constant exponent ``c`` (see :func:`power_relaxation`), or
     ``pow(c, x)`` with a constant base ``c > 0``: ``exp(x log c)``, convex."""
 
@@ -447,7 +398,7 @@ class Pow(InfSafeRule):
         return ops[1], [ops[0], 1]
 
     def _base(self, l, u, c):
-        l, u = _floats(l, u)
+        l, u = float_pair(l, u)
         c = jnp.asarray(c, l.dtype)
         bad = (c <= 0) & jnp.ones_like(l, bool)
         domain = f"of c ** x with base c = {float(c) if c.ndim == 0 and _concrete(c) else 'c'}: needs c > 0"
@@ -475,7 +426,7 @@ class Pow(InfSafeRule):
         return _guarded(l, u, bad, 0.0, image, relax)
 
 
-class DivByPerturbed(InfSafeRule):
+class DivByPerturbed(ElementwiseRule):
     """``c / x`` with a constant numerator ``c`` and a perturbed denominator whose
     interval excludes 0: ``c`` times auto_LiRPA's ``BoundReciprocal``
     relaxation (``1/x`` is convex for x > 0, concave for x < 0)."""
@@ -487,14 +438,14 @@ class DivByPerturbed(InfSafeRule):
 
     def image(self, l, u, c):
         lo, hi = power_image(l, u, -1, op=self.op)
-        bad = power_domain_bad(*_floats(l, u), -1)
+        bad = power_domain_bad(*float_pair(l, u), -1)
         c = jnp.asarray(c, lo.dtype)
         a, b = c * lo, c * hi
         return _unbounded_image(bad, jnp.minimum(a, b), jnp.maximum(a, b))
 
     def relax(self, l, u, c):
         r = power_relaxation(l, u, -1, op=self.op)
-        bad = power_domain_bad(*_floats(l, u), -1)
+        bad = power_domain_bad(*float_pair(l, u), -1)
         c = jnp.asarray(c, r.lw.dtype)
         scaled = Relaxation(*(c * t for t in r))
         flipped = Relaxation(scaled.uw, scaled.ub, scaled.lw, scaled.lb)

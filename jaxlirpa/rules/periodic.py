@@ -31,17 +31,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxlirpa._compat import lax_primitives as P
-from jaxlirpa.rules.base import ElementwiseRule, Relaxation, register
+from jaxlirpa.rules.base import ElementwiseRule, Relaxation, float_pair, register
 
 TWO_PI = 2 * math.pi
-
-
-def _floats(l, u):
-    l, u = jnp.asarray(l), jnp.asarray(u)
-    dtype = jnp.result_type(l, u)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        dtype = jnp.float32
-    return jnp.broadcast_arrays(l.astype(dtype), u.astype(dtype))
 
 
 def _contains(l, u, p):
@@ -70,7 +62,7 @@ class Sinusoid(ElementwiseRule):
         return wide, jnp.where(wide, 0.0, l), jnp.where(wide, 0.0, u)
 
     def image(self, l, u):
-        l, u = _floats(l, u)
+        l, u = float_pair(l, u)
         wide, l, u = self._wide(l, u)
         fl, fu = self.f(l), self.f(u)
         top = wide | _contains(l, u, math.pi / 2 - self.phase)
@@ -96,7 +88,7 @@ class Sinusoid(ElementwiseRule):
         return jnp.min(g, 0) - margin, jnp.max(g, 0) + margin
 
     def relax(self, l, u):
-        l, u = _floats(l, u)
+        l, u = float_pair(l, u)
         wide, l, u = self._wide(l, u)
         width = u - l
         nz = width > 0
