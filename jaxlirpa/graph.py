@@ -185,7 +185,7 @@ def _drop_dead(graph: Graph) -> None:
     live = {v for v in graph.outputs if isinstance(v, int)}
     kept = []
     for e in reversed(graph.eqns):
-        if any(v in live for v in e.outputs) or e.prim.name in ("debug_callback",):
+        if any(v in live for v in e.outputs):  # effects (debug prints) are dropped too
             kept.append(e)
             live.update(v for v in e.inputs if isinstance(v, int))
     graph.eqns = kept[::-1]

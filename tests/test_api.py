@@ -9,6 +9,7 @@ import pytest
 from jax import lax
 
 import jaxlirpa
+from jaxlirpa.rules.base import RULES
 from jaxlirpa.rules.relu import MaxWithConstant
 
 KEY = jax.random.key(0)
@@ -179,12 +180,16 @@ def test_user_registered_rules():
         jaxlirpa.bound(lambda x: shifted_relu_p.bind(x @ W1), X, 0.1)
     jaxlirpa.register_rule(double_p, jaxlirpa.LINEAR)
     jaxlirpa.register_rule(shifted_relu_p, ShiftedRelu())
-    fn = lambda x: double_p.bind(shifted_relu_p.bind(x @ W1))
-    for method in ("ibp", "crown", "forward"):
-        b = jaxlirpa.bound(fn, X, 0.1, method=method)
-        pts = X + jax.random.uniform(KEY, (64, *X.shape), minval=-0.1, maxval=0.1)
-        ys = jax.vmap(fn)(pts)
-        assert np.all(b.lower <= ys.min(0) + 1e-5) and np.all(ys.max(0) <= b.upper + 1e-5)
+    try:
+        fn = lambda x: double_p.bind(shifted_relu_p.bind(x @ W1))
+        for method in ("ibp", "crown", "forward"):
+            b = jaxlirpa.bound(fn, X, 0.1, method=method)
+            pts = X + jax.random.uniform(KEY, (64, *X.shape), minval=-0.1, maxval=0.1)
+            ys = jax.vmap(fn)(pts)
+            assert np.all(b.lower <= ys.min(0) + 1e-5) and np.all(ys.max(0) <= b.upper + 1e-5)
+    finally:  # the registry is global: leave it as the other tests expect it
+        RULES.pop(double_p)
+        RULES.pop(shifted_relu_p)
 
 
 def test_sets_l1_l2_box_contain_samples():
