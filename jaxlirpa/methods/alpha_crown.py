@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlirpa.methods.context import Context
-from jaxlirpa.methods.crown import backward, interval_of, meet, needed_intervals
-from jaxlirpa.methods.ibp import ibp_exact, ibp_intervals
+from jaxlirpa.methods.crown import backward, crown_intervals, meet
 from jaxlirpa.rules.base import Interval
 
 
@@ -92,10 +91,7 @@ def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None
     """Optimised bounds of ``A @ out``; returns ``(Interval, slopes)`` (slopes for a warm start)."""
     recorder = Slopes()
     ctx.slopes = recorder
-    exact = ibp_exact(ctx)
-    ibp = ibp_intervals(ctx) if exact - set(ctx.regions) else {}
-    first = needed_intervals(ctx, ctx.input_intervals(),
-                             lambda v, b: ibp[v] if v in exact else interval_of(ctx, v, b))
+    first = crown_intervals(ctx)  # CROWN's own bounds, recording its slopes
     uA = None if opts.bound == "lower" else A
     lA = None if opts.bound == "upper" else A
     lo0, hi0 = backward(ctx, out, lA, uA, first)
@@ -104,11 +100,7 @@ def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None
 
     def evaluate(slopes, prev):
         ctx.slopes = Slopes(slopes)
-        bounds = prev
-        if opts.optimize_intermediate:
-            bounds = needed_intervals(
-                ctx, ctx.input_intervals(),
-                lambda v, b: prev[v] if v in exact else meet(interval_of(ctx, v, b), prev[v]))
+        bounds = crown_intervals(ctx, reference=prev) if opts.optimize_intermediate else prev
         lo, hi = backward(ctx, out, lA, uA, bounds)
         return lo, hi, bounds
 
