@@ -36,6 +36,17 @@ CALL_JAXPR_PARAMS = {
 }
 
 
+def define_primitive(name: str, impl) -> Primitive:
+    """A new primitive computing ``impl`` (shape-preserving), usable eagerly and under jit."""
+    from jax.interpreters import mlir
+
+    prim = Primitive(name)
+    prim.def_impl(impl)
+    prim.def_abstract_eval(lambda x, *_, **__: x)
+    mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=False))
+    return prim
+
+
 def call_body(eqn) -> tuple[Jaxpr, list] | None:
     """The (jaxpr, consts) that an inlinable call equation evaluates, else None."""
     key = CALL_JAXPR_PARAMS.get(eqn.primitive.name)

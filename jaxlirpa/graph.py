@@ -75,6 +75,16 @@ class Graph:
     def is_perturbed(self, operand) -> bool:
         return isinstance(operand, int) and operand in self.perturbed
 
+    def evaluate(self, consts, inputs) -> list:
+        """Run the graph on values (concrete or traced): its outputs. Graphs of one
+        signature share this code under jit, whatever their constants."""
+        env = dict(zip(self.consts, consts)) | dict(zip(self.inputs, inputs))
+        value = lambda o: o.value if isinstance(o, Const) else env[o]
+        for e in self.eqns:
+            outs = e.prim.bind(*map(value, e.inputs), **e.params)
+            env.update(zip(e.outputs, outs if e.prim.multiple_results else [outs]))
+        return [value(o) for o in self.outputs]
+
 
 def trace(fn: Callable, example_args: list, perturbed_mask: list[bool]) -> tuple[Graph, list]:
     """Trace ``fn(*example_args)`` into a :class:`Graph` and its const values.
@@ -193,10 +203,8 @@ def _drop_dead(graph: Graph) -> None:
 
 # ---------------------------------------------------------------- patterns
 
-leaky_relu_p = _compat.Primitive("jaxlirpa_leaky_relu")
+leaky_relu_p = _compat.define_primitive("jaxlirpa_leaky_relu", lambda x, slope: jax.numpy.where(x >= 0, x, slope * x))
 """``x if x >= 0 else slope * x``, fused from ``select_n(x >= 0, slope * x, x)``."""
-leaky_relu_p.def_impl(lambda x, slope: jax.numpy.where(x >= 0, x, slope * x))
-leaky_relu_p.def_abstract_eval(lambda x, slope: x)
 
 _POSITIVE_WHEN_TRUE = {P.ge_p: True, P.gt_p: True, P.le_p: False, P.lt_p: False}
 

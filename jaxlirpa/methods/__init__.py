@@ -60,12 +60,12 @@ def bound_flat(ctx: Context, method: str, C, alpha: AlphaOptions | None = None, 
         A = jnp.eye(int(np.prod(shape)), dtype=dtype) if C is None else C
         A, opts = A.reshape(A.shape[0], *shape), alpha or AlphaOptions()
         if opts.bound != "both":
-            return alpha_crown(ctx, out, A, opts, warm)
+            return alpha_crown(ctx, out, A, opts, warm)[:2]
         # Like auto_LiRPA, lower and upper bounds are optimised in separate runs:
         # jointly, the shared intermediate slopes would have to compromise.
         warm = warm or {"lower": None, "upper": None}
-        lo, slopes_lo = alpha_crown(ctx, out, A, dataclasses.replace(opts, bound="lower"), warm["lower"])
-        hi, slopes_hi = alpha_crown(ctx, out, A, dataclasses.replace(opts, bound="upper"), warm["upper"])
+        lo, slopes_lo, _ = alpha_crown(ctx, out, A, dataclasses.replace(opts, bound="lower"), warm["lower"])
+        hi, slopes_hi, _ = alpha_crown(ctx, out, A, dataclasses.replace(opts, bound="upper"), warm["upper"])
         return Interval(lo.lower, hi.upper), {"lower": slopes_lo, "upper": slopes_hi}
     return _one_shot(ctx, method, C), None
 

@@ -88,7 +88,8 @@ class Slopes:
 
 
 def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None = None):
-    """Optimised bounds of ``A @ out``; returns ``(Interval, slopes)`` (slopes for a warm start)."""
+    """Optimised bounds of ``A @ out``; returns ``(Interval, slopes, intermediate bounds)``
+    (slopes for a warm start; the best intermediate bounds found, for branch and bound)."""
     recorder = Slopes()
     ctx.slopes = recorder
     first = crown_intervals(ctx)  # CROWN's own bounds, recording its slopes
@@ -131,7 +132,7 @@ def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None
         return (slopes, state, (lo, hi), prev, stale), loss
 
     carry = (init, optimizer.init(init), (lo0, hi0), jax.lax.stop_gradient(first), jnp.asarray(0))
-    (slopes, _, (lo, hi), _, _), _ = jax.lax.scan(step, carry, jnp.arange(opts.iterations))
+    (slopes, _, (lo, hi), prev, _), _ = jax.lax.scan(step, carry, jnp.arange(opts.iterations))
     ctx.slopes = None
-    return Interval(lo, hi), slopes
+    return Interval(lo, hi), slopes, prev
 

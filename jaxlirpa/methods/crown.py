@@ -34,16 +34,22 @@ def _identity_step(ctx: Context, eqn, ops):
     return [(A, A) if isinstance(o, Perturbed) else None for o in ops], bias, bias
 
 
-def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset()):
+def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset(), seeds=None, seen=None):
     """Push ``lA``/``uA`` (shape ``(rows, *target.shape)``, or both ``IDENTITY``) back to
-    the inputs, or to the variables in ``stop``. Returns ``({var: (lA, uA)}, lower bias, upper bias)``."""
-    pending = {target: (lA, uA)}
+    the inputs, or to the variables in ``stop``. Returns ``({var: (lA, uA)}, lower bias, upper bias)``.
+
+    ``seeds`` adds ``{var: (lA, uA)}`` terms on earlier variables to the function pulled
+    back (beta-CROWN's split multipliers); ``seen``, a dict, receives the coefficients
+    reaching each variable as its producer is passed (branching heuristics read them)."""
+    pending = {target: (lA, uA)} | dict(seeds or {})
     lbias = ubias = 0.0
     for eqn in reversed(ctx.perturbed_eqns):
         out = eqn.outputs[0]
         if out not in pending or out in stop:
             continue
         A_l, A_u = pending.pop(out)
+        if seen is not None:
+            seen[out] = (A_l, A_u)
         ops = ctx.operands(eqn, bounds)
         if A_l is IDENTITY:
             step = _identity_step(ctx, eqn, ops)

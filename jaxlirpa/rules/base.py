@@ -180,6 +180,17 @@ class ElementwiseRule(Rule):
         full = jnp.broadcast_shapes(jnp.shape(slope), eqn_shape(eqn))
         return jnp.broadcast_to(lw, full), jnp.broadcast_to(lb, full)
 
+    # Branch and bound: a piecewise-linear rule that defines ``kink(*params)`` is linear
+    # on each side of it, so splitting its input there removes the relaxation.
+    @property
+    def splittable(self) -> bool:
+        return hasattr(self, "kink")
+
+    def breakpoint(self, eqn, ops):
+        """Where a split cuts this rule's input, shaped like it (beta-CROWN)."""
+        _, params = self.split(eqn, ops)
+        return jnp.broadcast_to(jnp.asarray(self.kink(*params), eqn.out_avals[0].dtype), eqn_shape(eqn))
+
     def forward(self, eqn, ops):
         x, _ = self.split(eqn, ops)
         r = self._relaxation(eqn, ops)

@@ -23,6 +23,9 @@ def _chord(l, u, fl, fu, crossing):
 class MaxWithConstant(ElementwiseRule):
     """``max(x, c)``: ReLU when c = 0."""
 
+    def kink(self, c):
+        return c
+
     def image(self, l, u, c):
         return jnp.maximum(l, c), jnp.maximum(u, c)
 
@@ -54,6 +57,9 @@ class MinWithConstant(ElementwiseRule):
 
     _max = MaxWithConstant()
 
+    def kink(self, c):
+        return c
+
     def image(self, l, u, c):
         return jnp.minimum(l, c), jnp.minimum(u, c)
 
@@ -72,6 +78,9 @@ class LeakyRelu(ElementwiseRule):
 
     def accepts(self, eqn, perturbed):
         return perturbed[0] and not perturbed[1]
+
+    def kink(self, a):
+        return 0.0
 
     def image(self, l, u, a):
         f = lambda t: jnp.where(t >= 0, t, a * t)
@@ -111,6 +120,9 @@ class LeakyRelu(ElementwiseRule):
 class Abs(ElementwiseRule):
     """``|x|``: chord above; below, slope +1 or -1 through 0, whichever side of
     0 holds more of the interval (the smaller-area choice)."""
+
+    def kink(self):
+        return 0.0
 
     def image(self, l, u):
         crossing = (l < 0) & (u > 0)
