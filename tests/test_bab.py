@@ -1,0 +1,140 @@
+"""Complete verification: beta-CROWN soundness under random splits, verdicts on the shared
+VNN-COMP test networks and a few ACAS Xu instances, the command line, bad input."""
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlirpa
+from jaxlirpa import cli, vnnlib
+from jaxlirpa.bab import robustness_property, verify
+from jaxlirpa.bab.bounding import Bounder, cached
+from jaxlirpa.bab.problem import Problem
+from jaxlirpa.bab.relu_split import _children, _root, splittable_vars
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "vnncomp"
+RNG = np.random.default_rng(0)
+WEIGHTS = [(RNG.normal(size=(2, 12)).astype(np.float32), RNG.normal(size=12).astype(np.float32) * 0.5),
+           (RNG.normal(size=(12, 12)).astype(np.float32) / 3, RNG.normal(size=12).astype(np.float32) * 0.5),
+           (RNG.normal(size=(12, 3)).astype(np.float32) / 3, np.zeros(3, np.float32))]
+
+
+def mlp(x, pre=None):
+    """A 2-12-12-3 ReLU network; ``pre`` collects its pre-activations."""
+    for k, (W, b) in enumerate(WEIGHTS):
+        x = x @ W + b
+        if k < len(WEIGHTS) - 1:
+            if pre is not None:
+                pre.append(x)
+            x = jax.nn.relu(x)
+    return x
+
+
+def _problem():
+    prop = robustness_property(np.zeros(2, np.float32), 0, 1.0, 3, lower=None, upper=None)
+    return Problem.from_disjuncts(mlp, (2,), prop.lower, prop.upper, prop.disjuncts)
+
+
+@pytest.mark.parametrize("iterations", [0, 5])
+def test_beta_crown_is_sound_under_random_splits(iterations):
+    problem = _problem()
+    bounder = Bounder(problem)
+    consts, A, C, d = bounder.args
+    lo, hi = jnp.asarray(problem.lower), jnp.asarray(problem.upper)
+    _, alphas, root_bounds = cached(problem.graph, _root, static_argnames=("iterations",))(
+        consts, A, d, lo, hi, iterations=5)
+    variables = splittable_vars(problem.graph, consts, lo, hi)
+    assert len(variables) == 2
+    n, shape = 16, problem.graph.avals[variables[0]].shape  # (1, 12): the traced example keeps its batch axis
+    splits = {v: np.zeros((n, 12), np.int8) for v in variables}
+    for k in range(n):  # three random neurons per domain, each on a random side
+        for neuron in RNG.choice(24, size=3, replace=False):
+            splits[variables[neuron // 12]][k, neuron % 12] = RNG.choice([-1, 1])
+    splits = {v: s.reshape(n, *shape) for v, s in splits.items()}
+    betas = {v: RNG.exponential(size=(n, A.shape[0], *shape)).astype(np.float32) for v in variables}
+    alphas = jax.tree_util.tree_map(lambda a: RNG.uniform(size=(n, *a.shape)).astype(np.float32), alphas)
+    expand = cached(problem.graph, _children, static_argnames=("iterations",))
+    bound, _, _, _ = expand(consts, A, d, lo, hi, root_bounds, splits, alphas, betas, iterations=iterations)
+    # Sample the box, keep the points inside each domain's split region, and attack the
+    # margin there: no point of a domain may fall below its bound.
+    x = jnp.asarray(RNG.uniform(-1, 1, size=(40000, 2)).astype(np.float32))
+    pre = []
+    y = mlp(x, pre)
+    margins = np.asarray(jnp.min(y[:, :1] - y[:, 1:], axis=1))
+    checked = 0
+    for k in range(n):
+        inside = np.ones(len(x), bool)
+        for v, z in zip(variables, pre):
+            inside &= np.all((np.asarray(z) * splits[v][k].reshape(-1)) >= 0, axis=1)
+        if inside.any():
+            checked += 1
+            assert margins[inside].min() >= float(bound[k]) - 1e-4, k
+    assert checked >= n // 2
+
+
+def test_shared_test_networks_get_the_right_verdicts():
+    expected = {"test_nano": "unsat", "test_tiny": "unsat", "test_small": "unsat", "test_sat": "sat",
+                "test_unsat": "unsat"}
+    for model, prop in [("test_nano", "test_nano"), ("test_tiny", "test_tiny"), ("test_small", "test_small"),
+                        ("test_sat", "test_prop"), ("test_unsat", "test_prop")]:
+        verdict = cli.run_instance(SHARED / "test" / f"{model}.onnx", SHARED / "test" / f"{prop}.vnnlib", 60)
+        assert verdict.status == expected[model], model
+        if verdict.status == "sat":
+            x, y = verdict.counterexample
+            fn, shape = jaxlirpa.onnx.load(SHARED / "test" / f"{model}.onnx")
+            np.testing.assert_allclose(np.asarray(fn(x.reshape(shape))).reshape(-1), y, rtol=1e-5)
+
+
+# Quick instances with both answers; the whole benchmark is benchmarks/vnncomp.py's job.
+ACAS = [("ACASXU_run2a_1_9_batch_2000.onnx", "prop_1.vnnlib", "unsat"),
+        ("ACASXU_run2a_2_6_batch_2000.onnx", "prop_2.vnnlib", "sat"),
+        ("ACASXU_run2a_3_6_batch_2000.onnx", "prop_4.vnnlib", "unsat"),
+        ("ACASXU_run2a_4_7_batch_2000.onnx", "prop_3.vnnlib", "unsat")]
+
+
+@pytest.mark.parametrize("model,prop,truth", ACAS)
+def test_acas_xu_subset(model, prop, truth):
+    verdict = cli.run_instance(SHARED / "acasxu" / model, SHARED / "acasxu" / prop, 100)
+    assert verdict.status == truth
+
+
+def test_relu_split_proves_and_refutes_robustness():
+    x = np.array([0.3, -0.2], np.float32)
+    label = int(np.argmax(mlp(x[None])[0]))
+    small = verify(mlp, robustness_property(x, label, 0.01, 3, lower=None, upper=None), branching="relu",
+                   timeout=60)
+    assert small.status == "unsat"
+    large = verify(mlp, robustness_property(x, label, 2.0, 3, lower=None, upper=None), branching="relu",
+                   timeout=60)
+    assert large.status == "sat"
+    cex, y = large.counterexample
+    assert np.max(np.abs(cex - x)) <= 2.0 + 1e-6 and np.argmax(y) != label
+
+
+def test_command_line_writes_the_result_file(tmp_path, capsys):
+    out = tmp_path / "result.txt"
+    code = cli.main(["verify", str(SHARED / "test" / "test_sat.onnx"), str(SHARED / "test" / "test_prop.vnnlib"),
+                     "--timeout", "60", "--out", str(out), "--quiet", "--no-cache"])
+    assert code == 0 and capsys.readouterr().out.strip() == "sat"
+    text = out.read_text()
+    assert text.startswith("sat\n((X_0 ") and "(Y_0 " in text
+
+
+def test_bad_files_and_arguments_give_clear_errors(tmp_path, capsys):
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not a model")
+    code = cli.main(["verify", str(bad), str(SHARED / "test" / "test_prop.vnnlib"), "--no-cache"])
+    assert code == 2 and "broken.onnx" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.vnnlib"
+    wrong.write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (<= X_0 1)\n")
+    code = cli.main(["verify", str(SHARED / "test" / "test_nano.onnx"), str(wrong), "--no-cache"])
+    assert code == 2 and "wrong.vnnlib" in capsys.readouterr().err
+    prop = robustness_property(np.zeros(2, np.float32), 0, 0.1, 3)
+    with pytest.raises(ValueError, match="branching"):
+        verify(mlp, prop, branching="sideways")
+    with pytest.raises(ValueError, match="timeout"):
+        verify(mlp, prop, timeout=0)
+    with pytest.raises(ValueError, match="inputs"):
+        verify(mlp, prop, input_shape=(3,))
