@@ -16,7 +16,8 @@ from jaxlirpa.attacks import pgd
 from jaxlirpa.bab.problem import Problem, margin_of_rows
 from jaxlirpa.graph import Graph
 from jaxlirpa.methods.context import Context
-from jaxlirpa.methods.crown import concretize, crown_intervals, pull_back
+from jaxlirpa.methods.beta_crown import optimised_lower
+from jaxlirpa.methods.crown import crown_intervals
 from jaxlirpa.sets import Region
 
 _COMPILED: dict[tuple, Callable] = {}
@@ -55,24 +56,17 @@ def _attack(graph: Graph):
 
 def _box_bounds(graph: Graph):
     margins = margins_fn(graph)
-    out, x = graph.outputs[0], graph.perturbed_inputs[0]
+    out = graph.outputs[0]
 
-    def one_box(consts, A, d, lo, hi):
+    def one_box(consts, A, d, lo, hi, iterations):
         ctx = box_context(graph, consts, lo, hi)
-        pending, lbias, ubias = pull_back(ctx, out, A, None, crown_intervals(ctx))
-        rows, _ = concretize(ctx, pending, lbias, ubias, upper=False)
-        # The input coefficients of the row that decides the margin, times the widths:
-        # how much halving each input could move the bound (input "smart branching").
-        best_row = jnp.argmax(rows.reshape(d.shape) - d, axis=1)
-        worst = jnp.argmin(jnp.max(rows.reshape(d.shape) - d, axis=1))
-        decisive = pending[x][0].reshape(*d.shape, -1)[worst, best_row[worst]]
-        return margin_of_rows(rows[None], d)[0], jnp.abs(decisive) * (hi - lo).reshape(-1)
+        rows = optimised_lower(ctx, out, A, crown_intervals(ctx), iterations=iterations)[0]
+        return margin_of_rows(rows[None], d)[0]
 
-    def box_bounds(consts, A, C, d, lo, hi):
-        bound, score = jax.vmap(one_box, in_axes=(None, None, None, 0, 0))(consts, A, d, lo, hi)
-        return bound, score, margins(consts, C, d, (lo + hi) / 2)
+    def box_bounds(consts, A, C, d, lo, hi, iterations: int):
+        bound = jax.vmap(lambda l, h: one_box(consts, A, d, l, h, iterations))(lo, hi)
+        return bound, margins(consts, C, d, (lo + hi) / 2)
     return box_bounds
-
 
 class Bounder:
     """A :class:`Problem`'s compiled calls, with its constants and spec bound in."""
@@ -83,13 +77,13 @@ class Bounder:
         out_shape = graph.avals[graph.outputs[0]].shape
         self.args = (problem.consts, jnp.asarray(problem.C.reshape(-1, *out_shape)),
                      jnp.asarray(problem.C), jnp.asarray(problem.d))
-        self._bounds = cached(graph, _box_bounds)
+        self._bounds = cached(graph, _box_bounds, static_argnames=("iterations",))
         self._attack = cached(graph, _attack, static_argnames=("restarts",))
 
-    def box_bounds(self, lo, hi):
-        """For a batch of boxes: CROWN lower bounds of the margin, a split score per
-        input, and the margin at each box's centre."""
-        return self._bounds(*self.args, lo, hi)
+    def box_bounds(self, lo, hi, iterations: int = 0):
+        """For a batch of boxes: CROWN lower bounds of the margin (the output's slopes
+        tuned by ``iterations`` steps) and the margin at each box's centre."""
+        return self._bounds(*self.args, lo, hi, iterations=iterations)
 
     def attack(self, lo, hi, key, restarts: int = 5):
         """PGD on the margin in each box: the best points found and their margins."""

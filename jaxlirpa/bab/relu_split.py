@@ -18,15 +18,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxlirpa.bab.bounding import box_context, cached, margins_fn
+from jaxlirpa.bab.input_split import pad, padded_size
 from jaxlirpa.bab.problem import Problem, margin_of_rows
 from jaxlirpa.bab.report import Outcome, Progress
 from jaxlirpa.graph import Graph
-from jaxlirpa.methods.alpha_crown import AlphaOptions, Slopes, alpha_crown
-from jaxlirpa.methods.beta_crown import apply_splits, beta_terms, kinks, splittable
-from jaxlirpa.methods.crown import concretize, pull_back
+from jaxlirpa.methods.alpha_crown import AlphaOptions, alpha_crown
+from jaxlirpa.methods.beta_crown import apply_splits, kinks, optimised_lower, splittable
 
 
 def _decisive(rows, d):
@@ -49,42 +48,14 @@ def _root(graph: Graph):
 
 
 def _children(graph: Graph):
-    out, x = graph.outputs[0], graph.perturbed_inputs[0]
+    out = graph.outputs[0]
 
     def one(consts, A, d, lo, hi, root_bounds, splits, alphas, betas, iterations: int):
         ctx = box_context(graph, consts, lo, hi)
+        rows, params, input_A, seen = optimised_lower(ctx, out, A, root_bounds, iterations=iterations,
+                                                      alphas=alphas, splits=splits, betas=betas)
         kink = kinks(ctx, root_bounds)
         bounds = apply_splits(root_bounds, splits, kink)
-        recorder = Slopes()
-        ctx.slopes = recorder
-        pull_back(ctx, out, A, None, bounds)  # records each slope's valid range here
-        ranges = recorder.ranges
-
-        def evaluate(params):
-            ctx.slopes = Slopes(params[0])
-            seeds, bias = beta_terms(splits, params[1], kink)
-            seen = {}
-            pending, lbias, _ = pull_back(ctx, out, A, None, bounds, seeds=seeds, seen=seen)
-            rows, _ = concretize(ctx, pending, lbias + bias, 0.0, upper=False)
-            return rows, (pending[x][0], seen)
-
-        optimizer = optax.adam(optax.exponential_decay(0.1, 1, 0.98))
-
-        def step(carry, _):
-            params, state, best = carry
-            (loss, (rows, _)), grads = jax.value_and_grad(
-                lambda p: (lambda r: (-jnp.sum(r[0]), r))(evaluate(p)), has_aux=True)(params)
-            updates, state = optimizer.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
-            params = ({k: jnp.clip(a, *ranges[k]) for k, a in params[0].items()},
-                      {v: jnp.maximum(b, 0.0) for v, b in params[1].items()})
-            return (params, state, jnp.maximum(best, rows)), None
-
-        params = (alphas, betas)
-        rows0, _ = evaluate(params)
-        (params, _, best), _ = jax.lax.scan(step, (params, optimizer.init(params), rows0), None, length=iterations)
-        rows, (input_A, seen) = evaluate(params)
-        rows = jnp.maximum(rows, best)
         row = _decisive(rows, d)
         primal = jnp.where(input_A[row] > 0, lo, hi)
         scores = []
@@ -152,6 +123,8 @@ def relu_split(problem: Problem, bounder, deadline: float, *, batch: int = 256, 
     bound, primal, scores, (alphas, betas) = expand(consts, A, d, lo, hi, root_bounds, splits, alphas, betas,
                                                     iterations=0)
     domains, visited, best = _Domains(), 1, float(margin0)
+    if not np.isfinite(np.asarray(scores).max()):  # nothing left to split
+        return Outcome("unknown", domains=visited, best_bound=best)
     domains.add(splits, alphas, betas, np.asarray(bound), np.asarray(scores).argmax(axis=1))
     while len(domains):
         if time.monotonic() > deadline:
@@ -167,9 +140,9 @@ def relu_split(problem: Problem, bounder, deadline: float, *, batch: int = 256, 
         for k in range(2 * n):
             v = variables[layer[k % n]]
             splits2[v].reshape(2 * n, -1)[k, neuron[k % n] - offsets[layer[k % n]]] = 1 if k < n else -1
-        size = _padded(2 * n, batch)
-        pad = lambda tree: jax.tree_util.tree_map(lambda a: np.concatenate([a, np.repeat(a[:1], size - len(a), 0)]), tree)
-        out = expand(consts, A, d, lo, hi, root_bounds, pad(splits2), pad(children[1]), pad(children[2]),
+        size = padded_size(2 * n, 2 * batch)
+        padded = lambda tree: jax.tree_util.tree_map(lambda a: pad(a, size), tree)
+        out = expand(consts, A, d, lo, hi, root_bounds, padded(splits2), padded(children[1]), padded(children[2]),
                      iterations=iterations)
         bound2, primal2, scores2, (alphas2, betas2) = jax.tree_util.tree_map(lambda a: np.asarray(a)[:2 * n], out)
         visited += 2 * n
@@ -185,13 +158,6 @@ def relu_split(problem: Problem, bounder, deadline: float, *, batch: int = 256, 
         if progress is not None:
             progress.update(len(domains), best, visited)
     return Outcome("unsat", domains=visited, best_bound=best)
-
-
-def _padded(n: int, largest: int) -> int:
-    size = 16
-    while size < n:
-        size *= 4
-    return max(n, min(size, 2 * largest))
 
 
 def splittable_vars(graph, consts, lo, hi) -> list[int]:
