@@ -60,12 +60,17 @@ def _box_bounds(graph: Graph):
 
     def one_box(consts, A, d, lo, hi, iterations):
         ctx = box_context(graph, consts, lo, hi)
-        rows = optimised_lower(ctx, out, A, crown_intervals(ctx), iterations=iterations)[0]
-        return margin_of_rows(rows[None], d)[0]
+        rows, _, input_A, _ = optimised_lower(ctx, out, A, crown_intervals(ctx), iterations=iterations)
+        # The decisive row's input coefficients times the widths: how much halving each
+        # input could move the bound (alpha-beta-CROWN's "smart" input branching).
+        per_row = rows.reshape(d.shape) - d
+        worst = jnp.argmin(jnp.max(per_row, axis=1))
+        decisive = input_A.reshape(*d.shape, -1)[worst, jnp.argmax(per_row[worst])]
+        return margin_of_rows(rows[None], d)[0], jnp.abs(decisive) * (hi - lo).reshape(-1)
 
     def box_bounds(consts, A, C, d, lo, hi, iterations: int):
-        bound = jax.vmap(lambda l, h: one_box(consts, A, d, l, h, iterations))(lo, hi)
-        return bound, margins(consts, C, d, (lo + hi) / 2)
+        bound, score = jax.vmap(lambda l, h: one_box(consts, A, d, l, h, iterations))(lo, hi)
+        return bound, score, margins(consts, C, d, (lo + hi) / 2)
     return box_bounds
 
 class Bounder:
@@ -82,7 +87,8 @@ class Bounder:
 
     def box_bounds(self, lo, hi, iterations: int = 0):
         """For a batch of boxes: CROWN lower bounds of the margin (the output's slopes
-        tuned by ``iterations`` steps) and the margin at each box's centre."""
+        tuned by ``iterations`` steps), a split score per input (coefficient times
+        width) and the margin at each box's centre."""
         return self._bounds(*self.args, lo, hi, iterations=iterations)
 
     def attack(self, lo, hi, key, restarts: int = 5):

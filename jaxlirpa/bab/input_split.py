@@ -1,14 +1,17 @@
 """Branch and bound over the input box (for low-dimensional inputs such as ACAS Xu's 5).
 
-Domains are sub-boxes, held on the host as ``(domains, *input_shape)`` arrays with their
-margin bounds. Each step takes the most recent open boxes (depth first, so memory stays
-small), halves each along *every* input, and bounds all ``2n`` children in one compiled
-call (padded to one of a few batch sizes, each one compilation). The split kept is the
-one whose children's bounds are best (the sum of their remaining gaps below zero, ties
-going to the relatively widest input): a look-ahead that costs ``n`` times more bounds
-per step than a one-shot heuristic and, on ACAS Xu, cuts the tree by orders of magnitude
-where the coefficient-times-width ("smart") choice of alpha-beta-CROWN stalls. Every
-child's centre is checked as a counterexample.
+Domains are sub-boxes, held on the host as ``(domains, *input_shape)`` arrays. Each step
+takes the most recent open boxes (depth first, so memory stays small), splits them and
+bounds the children in one compiled call (padded to one of a few batch sizes, each one
+compilation); every child's centre is checked as a counterexample. Two ways to choose
+the input to halve:
+- ``"lookahead"``: halve each box along *every* input, bound all ``2n`` children and keep
+  the split whose children bound best (the sum of their gaps below zero; ties to the
+  relatively widest input). ``n`` times more bounds per step, far smaller trees mostly.
+- ``"coefficient"``: the input whose coefficient in the decisive bound, times its width,
+  is largest (alpha-beta-CROWN's "smart" branching): one bound per child.
+On ACAS Xu each solves instances where the other stalls, so :func:`input_split` runs
+them as a portfolio: look-ahead for the first part of the time, then the other.
 """
 from __future__ import annotations
 
@@ -35,6 +38,17 @@ def pad(a: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([a, np.repeat(a[:1], size - len(a), axis=0)]) if len(a) < size else a
 
 
+def _halve(lo, hi, dims):
+    """Each box split in two along its chosen input (at the midpoint), left halves first."""
+    flat_lo, flat_hi = lo.reshape(len(lo), -1), hi.reshape(len(hi), -1)
+    rows = np.arange(len(lo))
+    mid = (flat_lo[rows, dims] + flat_hi[rows, dims]) / 2
+    left_hi, right_lo = flat_hi.copy(), flat_lo.copy()
+    left_hi[rows, dims], right_lo[rows, dims] = mid, mid
+    return (np.concatenate([flat_lo, right_lo]).reshape(-1, *lo.shape[1:]),
+            np.concatenate([left_hi, flat_hi]).reshape(-1, *lo.shape[1:]))
+
+
 def _children(lo, hi):
     """Every box halved along every input: ``(boxes, inputs, 2, inputs)`` lower and upper corners."""
     m, n = len(lo), lo[0].size
@@ -48,49 +62,87 @@ def _children(lo, hi):
     return child_lo, child_hi
 
 
-def input_split(problem: Problem, bounder: Bounder, deadline: float, *, batch: int = 1024,
-                max_domains: int = 500_000, iterations: int = 0, progress: Progress | None = None) -> Outcome:
-    """Prove the property on ``problem``'s box or find a counterexample before ``deadline``
-    (a ``time.monotonic()`` value). ``iterations`` tunes each box's output slopes
-    (alpha) by that many steps. Returns an :class:`Outcome`."""
-    shape, n = problem.lower.shape, problem.lower.size
+def _choose_lookahead(bounder, problem, parent_lo, parent_hi, iterations, size_limit):
+    """Bound all halvings; return (children lo, hi, bounds, centre margins) of the best one per box."""
+    shape, n, take = problem.lower.shape, problem.lower.size, len(parent_lo)
+    child_lo, child_hi = _children(parent_lo, parent_hi)
+    flat_lo, flat_hi = child_lo.reshape(-1, *shape), child_hi.reshape(-1, *shape)
+    size = padded_size(len(flat_lo), size_limit)
+    bound, _, centre = (np.asarray(a)[:len(flat_lo)] for a in
+                        bounder.box_bounds(pad(flat_lo, size), pad(flat_hi, size), iterations))
+    bound, centre = bound.reshape(take, n, 2), centre.reshape(take, n, 2)
+    width = (parent_hi - parent_lo).reshape(take, n)
     full_width = np.maximum((problem.upper - problem.lower).reshape(1, n), 1e-12)
+    gap = np.minimum(bound, 0).sum(axis=2)
+    worth = np.where(_splittable(parent_hi, width), gap + 1e-3 * (width / full_width) * np.abs(gap).mean(), -np.inf)
+    rows, dims = np.arange(take), worth.argmax(axis=1)
+    ok = np.isfinite(worth.max(axis=1))
+    return (child_lo[rows, dims].reshape(-1, *shape), child_hi[rows, dims].reshape(-1, *shape),
+            bound[rows, dims].reshape(-1), centre[rows, dims].reshape(-1), ok, len(flat_lo))
+
+
+def _splittable(parent_hi, width):
+    """Inputs wide enough to halve in float32."""
+    return width > 4 * np.finfo(np.float32).eps * (1 + np.abs(parent_hi).reshape(width.shape))
+
+
+def input_split(problem: Problem, bounder: Bounder, deadline: float, *, batch: int = 1024,
+                max_domains: int = 500_000, iterations: int = 0, lookahead_share: float = 0.5,
+                progress: Progress | None = None) -> Outcome:
+    """Prove the property on ``problem``'s box or find a counterexample before ``deadline``
+    (a ``time.monotonic()`` value): look-ahead branching for ``lookahead_share`` of the
+    time, then coefficient branching from the start for the rest. ``iterations`` tunes
+    each box's output slopes (alpha) by that many steps. Returns an :class:`Outcome`."""
+    start = time.monotonic()
+    switch = start + lookahead_share * (deadline - start)
+    outcome = _search(problem, bounder, switch, "lookahead", batch, max_domains, iterations, progress)
+    if outcome.status != "timeout" or time.monotonic() >= deadline:
+        return outcome
+    second = _search(problem, bounder, deadline, "coefficient", batch, max_domains, iterations, progress)
+    second.domains += outcome.domains
+    return second
+
+
+def _search(problem, bounder, deadline, strategy, batch, max_domains, iterations, progress) -> Outcome:
+    shape, n = problem.lower.shape, problem.lower.size
     lo, hi = problem.lower[None], problem.upper[None]
-    best = float(np.asarray(bounder.box_bounds(lo, hi, iterations)[0])[0])
+    bound, score, _ = (np.asarray(a) for a in bounder.box_bounds(lo, hi, iterations))
+    best = float(bound[0])
     if best > 0:
         return Outcome("unsat", domains=1, best_bound=best)
-    visited, per_step = 1, max(1, batch // (2 * n))
+    visited = 1
+    per_step = max(1, batch // (2 * n)) if strategy == "lookahead" else max(1, batch // 2)
     while len(lo):
         if time.monotonic() > deadline:
             return Outcome("timeout", domains=visited, best_bound=best)
         take = min(per_step, len(lo))
-        parent_lo, parent_hi = lo[-take:], hi[-take:]
-        lo, hi = lo[:-take], hi[:-take]
-        child_lo, child_hi = _children(parent_lo, parent_hi)
-        flat_lo, flat_hi = child_lo.reshape(-1, *shape), child_hi.reshape(-1, *shape)
-        size = padded_size(len(flat_lo), 2 * n * per_step)
-        bound, centre = (np.asarray(a)[:len(flat_lo)] for a in
-                         bounder.box_bounds(pad(flat_lo, size), pad(flat_hi, size), iterations))
-        visited += len(flat_lo)
+        parent_lo, parent_hi, parent_score = lo[-take:], hi[-take:], score[-take:]
+        lo, hi, score = lo[:-take], hi[:-take], score[:-take]
+        if strategy == "lookahead":
+            kept_lo, kept_hi, kept, centre, ok, bounded = _choose_lookahead(
+                bounder, problem, parent_lo, parent_hi, iterations, 2 * n * per_step)
+            kept_score = np.zeros((len(kept), n))
+        else:
+            width = (parent_hi - parent_lo).reshape(take, n)
+            choice = np.where(_splittable(parent_hi, width), parent_score + 1e-12 * width, -np.inf)
+            ok = np.isfinite(choice.max(axis=1))
+            kept_lo, kept_hi = _halve(parent_lo, parent_hi, choice.argmax(axis=1))
+            size = padded_size(len(kept_lo), batch)
+            kept, kept_score, centre = (np.asarray(a)[:len(kept_lo)] for a in
+                                        bounder.box_bounds(pad(kept_lo, size), pad(kept_hi, size), iterations))
+            bounded = len(kept_lo)
+        visited += bounded
         for k in np.flatnonzero(centre <= 0):
-            cex = problem.counterexample((flat_lo[k] + flat_hi[k]) / 2)
+            cex = problem.counterexample((kept_lo[k] + kept_hi[k]) / 2)
             if cex is not None:
                 return Outcome("sat", counterexample=cex, domains=visited, best_bound=best)
-        bound = bound.reshape(take, n, 2)
-        width = (parent_hi - parent_lo).reshape(take, n)
-        # A box too thin to halve in float32 cannot be refined.
-        splittable = width > 4 * np.finfo(np.float32).eps * (1 + np.abs(parent_hi).reshape(take, n))
-        gap = np.minimum(bound, 0).sum(axis=2)
-        worth = np.where(splittable, gap + 1e-3 * (width / full_width) * np.abs(gap).mean(), -np.inf)
-        if not np.all(np.isfinite(worth.max(axis=1))):
+        if not ok.all():
             return Outcome("unknown", domains=visited, best_bound=best)
-        rows, dims = np.arange(take), worth.argmax(axis=1)
-        kept_lo, kept_hi = child_lo[rows, dims].reshape(-1, *shape), child_hi[rows, dims].reshape(-1, *shape)
-        kept = bound[rows, dims].reshape(-1)
         still_open = kept <= 0
         if still_open.any():
             best = float(kept[still_open].min())
         lo, hi = np.concatenate([lo, kept_lo[still_open]]), np.concatenate([hi, kept_hi[still_open]])
+        score = np.concatenate([score, kept_score[still_open]])
         if len(lo) > max_domains:
             return Outcome("unknown", domains=visited, best_bound=best)
         if progress is not None:
