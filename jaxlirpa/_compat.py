@@ -6,10 +6,13 @@ JAX upgrade changes this file only.
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
 import os
 
 import jax
 import jax.extend.core as jcore
+import numpy as np
 from jax._src import source_info_util
 
 Primitive = jcore.Primitive
@@ -45,6 +48,36 @@ def define_primitive(name: str, impl) -> Primitive:
     prim.def_abstract_eval(lambda x, *_, **__: x)
     mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=False))
     return prim
+
+
+_UNIQUE = itertools.count()
+
+
+def signature(closed: ClosedJaxpr) -> str:
+    """A cache key for a traced function: its jaxpr's text, plus a digest of the
+    constants of inner jaxprs (jitted closures, scan bodies), whose values the text
+    omits although they are part of the function. A traced inner constant makes the
+    key unique (never shared)."""
+    digest = hashlib.sha1()
+
+    def visit(jaxpr) -> bool:
+        for eqn in jaxpr.eqns:
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    if isinstance(sub, ClosedJaxpr):
+                        for c in sub.consts:
+                            if isinstance(c, jax.core.Tracer):
+                                return False
+                            a = np.asarray(c)
+                            digest.update(f"{a.shape}{a.dtype}".encode())
+                            digest.update(a.tobytes())
+                        sub = sub.jaxpr
+                    if isinstance(sub, Jaxpr) and not visit(sub):
+                        return False
+        return True
+
+    text = str(closed.jaxpr)
+    return f"{text}\n{digest.hexdigest()}" if visit(closed.jaxpr) else f"{text}\nunique {next(_UNIQUE)}"
 
 
 def call_body(eqn) -> tuple[Jaxpr, list] | None:

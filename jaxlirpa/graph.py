@@ -108,7 +108,7 @@ def trace(fn: Callable, example_args: list, perturbed_mask: list[bool]) -> tuple
         outputs=outputs,
         avals=builder.avals,
         perturbed=set(),
-        signature=str(closed.jaxpr),
+        signature=_compat.signature(closed),
     )
     _mark_perturbed(graph)
     _fuse_patterns(graph)

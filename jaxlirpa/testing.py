@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxlirpa import api
+from jaxlirpa import _compat, api
 from jaxlirpa.attacks import pgd
 from jaxlirpa.sets import Region, as_set
 
@@ -203,7 +203,7 @@ def _checker(closed):
     """One jitted checker per function structure (keyed like jaxlirpa's own cache),
     taking the function's constants as arguments: repeated checks of one function
     (other methods, other sets of the same kind) compile once."""
-    key = str(closed.jaxpr)
+    key = _compat.signature(closed)
     if key not in _CACHE:
         # The checker runs little arithmetic: on CPU, spare LLVM's optimisations
         # (about half the compile time of these small programs).

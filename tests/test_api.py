@@ -9,6 +9,7 @@ import pytest
 from jax import lax
 
 import jaxlirpa
+import jaxlirpa.testing
 from jaxlirpa.rules.base import RULES
 from jaxlirpa.rules.relu import MaxWithConstant
 
@@ -265,3 +266,17 @@ def test_verified_and_accuracy_agree_with_margins():
         assert float(jaxlirpa.verified_accuracy(mlp, X, y, 0.01, method=method)) == float(np.mean(v))
     wrong = (y + 1) % 3
     assert not np.any(jaxlirpa.verified(mlp, X, wrong, 0.01))
+
+
+def test_functions_differing_only_in_inner_constants_never_share_compiled_bounds():
+    # Weights closed over by a jitted inner function live in the jaxpr's parameters,
+    # not in its text: the compilation caches must still tell the functions apart.
+    f1 = jax.jit(lambda z, w=jnp.array([[1.0], [1.0]]): z @ w)
+    f2 = jax.jit(lambda z, w=jnp.array([[5.0], [5.0]]): z @ w)
+    x = jnp.zeros((1, 2))
+    for method in ("ibp", "crown"):
+        np.testing.assert_allclose(jaxlirpa.bound(f1, x, 0.1, method=method).upper, [[0.2]], rtol=1e-6)
+        np.testing.assert_allclose(jaxlirpa.bound(f2, x, 0.1, method=method).upper, [[1.0]], rtol=1e-6)
+    jaxlirpa.testing.assert_sound(f1, x, 0.1, method="ibp")
+    with pytest.raises(AssertionError):
+        jaxlirpa.testing.assert_sound(f2, x, 0.1, method="ibp", bounds=jaxlirpa.bound(f1, x, 0.1, method="ibp"))
