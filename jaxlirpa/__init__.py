@@ -1,6 +1,7 @@
 """jaxlirpa: provable bounds on the outputs of JAX functions (IBP, CROWN, forward LiRPA, CROWN-IBP,
 alpha-CROWN) and complete verification (beta-CROWN branch and bound)."""
 from jaxlirpa import rules as _rules  # noqa: F401  (registers the built-in rules)
+from jaxlirpa import grafting, training
 from jaxlirpa.api import Bounds, bound, margin_spec, verified, verified_accuracy
 from jaxlirpa.bab import Verdict, robustness_property, verify
 from jaxlirpa.methods.alpha_crown import AlphaOptions
@@ -20,5 +21,5 @@ def register_rule(primitive, rule: Rule) -> None:
 __all__ = [
     "AlphaOptions", "Bounds", "Box", "ElementwiseRule", "L1Ball", "L2Ball", "LINEAR", "LinfBall", "Relaxation", "Rule",
     "UnsupportedPrimitiveError", "Verdict", "bound", "margin_spec", "register_rule", "robustness_property",
-    "verified", "verified_accuracy", "verify",
+    "grafting", "training", "verified", "verified_accuracy", "verify",
 ]
