@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxlirpa
-from jaxlirpa import cli, vnnlib
+from jaxlirpa import cli
 from jaxlirpa.bab import robustness_property, verify
 from jaxlirpa.bab.bounding import Bounder, cached
 from jaxlirpa.bab.problem import Problem

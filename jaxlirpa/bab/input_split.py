@@ -104,7 +104,7 @@ def input_split(problem: Problem, bounder: Bounder, deadline: float, *, batch: i
 
 
 def _search(problem, bounder, deadline, strategy, batch, max_domains, iterations, progress) -> Outcome:
-    shape, n = problem.lower.shape, problem.lower.size
+    n = problem.lower.size
     lo, hi = problem.lower[None], problem.upper[None]
     bound, score, _ = (np.asarray(a) for a in bounder.box_bounds(lo, hi, iterations))
     best = float(bound[0])
