@@ -21,25 +21,32 @@ WEIGHTS = [(RNG.normal(size=(2, 12)).astype(np.float32), RNG.normal(size=12).ast
            (RNG.normal(size=(12, 3)).astype(np.float32) / 3, np.zeros(3, np.float32))]
 
 
-def mlp(x, pre=None):
-    """A 2-12-12-3 ReLU network; ``pre`` collects its pre-activations."""
+def mlp(x, pre=None, activation=jax.nn.relu):
+    """A 2-12-12-3 network (ReLU by default); ``pre`` collects its pre-activations."""
     for k, (W, b) in enumerate(WEIGHTS):
         x = x @ W + b
         if k < len(WEIGHTS) - 1:
             if pre is not None:
                 pre.append(x)
-            x = jax.nn.relu(x)
+            x = activation(x)
     return x
 
 
-def _problem():
+# Every rule with a kink at 0 that branch and bound may split: ReLU, leaky ReLU, abs.
+ACTIVATIONS = {"relu": jax.nn.relu, "leaky_relu": lambda z: jax.nn.leaky_relu(z, 0.1), "abs": jnp.abs}
+
+
+def _problem(activation):
     prop = robustness_property(np.zeros(2, np.float32), 0, 1.0, 3, lower=None, upper=None)
-    return Problem.from_disjuncts(mlp, (2,), prop.lower, prop.upper, prop.disjuncts)
+    return Problem.from_disjuncts(lambda x: mlp(x, activation=activation), (2,), prop.lower, prop.upper,
+                                  prop.disjuncts)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("iterations", [0, 5])
-def test_beta_crown_is_sound_under_random_splits(iterations):
-    problem = _problem()
+def test_beta_crown_is_sound_under_random_splits(iterations, activation):
+    activation = ACTIVATIONS[activation]
+    problem = _problem(activation)
     bounder = Bounder(problem)
     consts, A, C, d = bounder.args
     lo, hi = jnp.asarray(problem.lower), jnp.asarray(problem.upper)
@@ -61,7 +68,7 @@ def test_beta_crown_is_sound_under_random_splits(iterations):
     # margin there: no point of a domain may fall below its bound.
     x = jnp.asarray(RNG.uniform(-1, 1, size=(40000, 2)).astype(np.float32))
     pre = []
-    y = mlp(x, pre)
+    y = mlp(x, pre, activation)
     margins = np.asarray(jnp.min(y[:, :1] - y[:, 1:], axis=1))
     checked = 0
     for k in range(n):

@@ -112,7 +112,7 @@ def relu_split(problem: Problem, bounder, deadline: float, *, batch: int = 256, 
         return Outcome("unsat", domains=1, best_bound=float(margin0))
     expand = cached(graph, _children, static_argnames=("iterations",))
     margins = cached(graph, margins_fn)
-    variables = [v for v in splittable_vars(graph, consts, lo, hi)]
+    variables = splittable_vars(graph, consts, lo, hi)
     sizes = [int(np.prod(graph.avals[v].shape)) for v in variables]
     offsets = np.cumsum([0] + sizes)
     rows = A.shape[0]
