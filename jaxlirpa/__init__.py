@@ -8,7 +8,7 @@ from jaxlirpa.methods.alpha_crown import AlphaOptions
 from jaxlirpa.rules.base import ElementwiseRule, Relaxation, Rule, UnsupportedPrimitiveError
 from jaxlirpa.rules.base import register as _register
 from jaxlirpa.rules.linear import LINEAR
-from jaxlirpa.sets import Box, L1Ball, L2Ball, LinfBall
+from jaxlirpa.sets import Box, L1Ball, L2Ball, LinfBall, perturb_leaves
 
 
 def register_rule(primitive, rule: Rule) -> None:
@@ -20,6 +20,6 @@ def register_rule(primitive, rule: Rule) -> None:
 
 __all__ = [
     "AlphaOptions", "Bounds", "Box", "ElementwiseRule", "L1Ball", "L2Ball", "LINEAR", "LinfBall", "Relaxation", "Rule",
-    "UnsupportedPrimitiveError", "Verdict", "bound", "margin_spec", "register_rule", "robustness_property",
+    "UnsupportedPrimitiveError", "Verdict", "bound", "margin_spec", "perturb_leaves", "register_rule", "robustness_property",
     "grafting", "training", "verified", "verified_accuracy", "verify",
 ]

@@ -40,13 +40,24 @@ CALL_JAXPR_PARAMS = {
 
 
 def define_primitive(name: str, impl) -> Primitive:
-    """A new primitive computing ``impl`` (shape-preserving), usable eagerly and under jit."""
-    from jax.interpreters import mlir
+    """A new primitive computing ``impl`` (shape-preserving), usable eagerly, under
+    jit, vmap (branch and bound evaluates graphs over batches of domains) and grad."""
+    from jax.interpreters import ad, batching, mlir
 
     prim = Primitive(name)
     prim.def_impl(impl)
     prim.def_abstract_eval(lambda x, *_, **__: x)
     mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=False))
+
+    def batch(args, dims, **params):
+        return jax.vmap(lambda *a: impl(*a, **params), in_axes=dims)(*args), 0
+
+    def jvp(primals, tangents, **params):
+        tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
+        return jax.jvp(lambda *a: impl(*a, **params), tuple(primals), tangents)
+
+    batching.primitive_batchers[prim] = batch
+    ad.primitive_jvps[prim] = jvp
     return prim
 
 

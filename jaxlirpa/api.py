@@ -13,7 +13,7 @@ from jaxlirpa import graph as graph_lib
 from jaxlirpa.methods import METHODS, AlphaOptions, bound_flat
 from jaxlirpa.methods.context import Context
 from jaxlirpa.rules.base import lookup
-from jaxlirpa.sets import Region, as_set
+from jaxlirpa.sets import Region, as_set, sets_per_leaf
 
 
 @jax.tree_util.register_dataclass
@@ -53,10 +53,12 @@ def _check_spec(spec, batch: int, out_size: int, dtype):
     if spec is None:
         return None
     C = jnp.asarray(spec, dtype=dtype)
-    if C.ndim not in (2, 3) or C.shape[-1] != out_size or (C.ndim == 3 and C.shape[0] != batch):
+    allowed = (2,) if batch is None else (2, 3)
+    if C.ndim not in allowed or C.shape[-1] != out_size or (C.ndim == 3 and C.shape[0] != batch):
+        expected = f"(rows, {out_size})" + ("" if batch is None else f" or ({batch}, rows, {out_size})")
         raise ValueError(
-            f"spec has shape {C.shape}; expected (rows, {out_size}) or ({batch}, rows, {out_size}), "
-            f"where {out_size} is the size of one example's output."
+            f"spec has shape {C.shape}; expected {expected}, where {out_size} is the size of "
+            + ("fn's whole output (a pytree x has no batch axis)." if batch is None else "one example's output.")
         )
     return C
 
@@ -79,32 +81,60 @@ _CACHE: collections.OrderedDict = collections.OrderedDict()
 _CACHE_SIZE = 64
 
 
+def _cached(key, build):
+    """The jitted function for ``key``, built once (least recently used evicted)."""
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    _CACHE[key] = run = jax.jit(build())
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return run
+
+
 def _compiled(graph, method: str, spec_batched: bool | None, alpha: AlphaOptions | None, warm: bool,
               batch_size: int | None):
     """A jitted bound computation for this graph structure, vmapped over the
     batch, or over chunks of ``batch_size`` examples one chunk at a time."""
-    key = (graph.signature, method, spec_batched, alpha, warm, batch_size)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
 
-    def one(consts, region: Region, C, slopes):
-        ctx = Context(graph, consts, [region.center], {graph.perturbed_inputs[0]: region})
-        b, slopes = bound_flat(ctx, method, C, alpha, slopes)
-        return b.lower, b.upper, slopes
+    def build():
+        def one(consts, region: Region, C, slopes):
+            ctx = Context(graph, consts, [region.center], {graph.perturbed_inputs[0]: region})
+            b, slopes = bound_flat(ctx, method, C, alpha, slopes)
+            return b.lower, b.upper, slopes
 
-    def run(consts, region, C, slopes):
-        per_example = (region, C if spec_batched else None, slopes if warm else None)
-        f = lambda ex: one(consts, ex[0], C if not spec_batched else ex[1], ex[2])
-        if batch_size is None:
-            return jax.vmap(f)(per_example)
-        return jax.lax.map(f, per_example, batch_size=batch_size)
+        def run(consts, region, C, slopes):
+            per_example = (region, C if spec_batched else None, slopes if warm else None)
+            f = lambda ex: one(consts, ex[0], C if not spec_batched else ex[1], ex[2])
+            if batch_size is None:
+                return jax.vmap(f)(per_example)
+            return jax.lax.map(f, per_example, batch_size=batch_size)
 
-    run = jax.jit(run)
-    _CACHE[key] = run
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return run
+        return run
+
+    return _cached((graph.signature, method, spec_batched, alpha, warm, batch_size), build)
+
+
+def _compiled_joint(graph, method: str, alpha: AlphaOptions | None, warm: bool):
+    """A jitted bound computation of a pytree's graph: one joint set, no batch axis."""
+
+    def build():
+        def run(consts, leaves, regions, C, slopes):
+            ctx = Context(graph, consts, leaves, dict(zip(graph.perturbed_inputs, regions)))
+            b, slopes = bound_flat(ctx, method, C, alpha, slopes if warm else None)
+            return b.lower, b.upper, slopes
+
+        return run
+
+    key = ("joint", graph.signature, tuple(graph.perturbed_inputs), method, alpha, warm)
+    return _cached(key, build)
+
+
+def _check_rules(graph) -> None:
+    """Fail at trace time, naming the user's line, on any equation no rule can bound."""
+    for eqn in graph.eqns:
+        if any(graph.is_perturbed(v) for v in eqn.inputs):
+            lookup(eqn, tuple(graph.is_perturbed(v) for v in eqn.inputs))
 
 
 def trace_per_example(fn: Callable, x):
@@ -116,9 +146,7 @@ def trace_per_example(fn: Callable, x):
             f"got {jax.tree_util.tree_map(lambda o: o.shape, out)} for input shape {x.shape}."
         )
     graph, consts = graph_lib.trace(lambda xi: fn(xi[None])[0], [jax.ShapeDtypeStruct(x.shape[1:], x.dtype)], [True])
-    for eqn in graph.eqns:
-        if any(graph.is_perturbed(v) for v in eqn.inputs):
-            lookup(eqn, tuple(graph.is_perturbed(v) for v in eqn.inputs))
+    _check_rules(graph)
     return graph, consts, out
 
 
@@ -128,11 +156,16 @@ def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None,
 
     **Arguments:**
     - ``fn``: any JAX-traceable function of a batch (closures over flax params welcome).
-    - ``x``: the centre, batch axis first; each example is bounded on its own.
+    - ``x``: the centre, batch axis first; each example is bounded on its own. Or any
+      pytree (model parameters, ``(params, inputs)``, ...): then all its perturbed leaves
+      move jointly, there is no batch axis, and the bounds are shaped like ``fn(x)``.
     - ``eps_or_set``: a radius (L-inf ball) or ``LinfBall``/``L2Ball``/``L1Ball``/``Box``.
+      For a pytree ``x``: one set for every leaf, or a pytree of sets matching a prefix of
+      ``x`` with ``None`` for leaves that stay constant (see :func:`perturb_leaves`).
     - ``method``: ``"ibp"``, ``"crown"``, ``"crown-ibp"``, ``"forward"`` or ``"alpha-crown"``.
     - ``spec``: ``C`` of shape ``(rows, out)`` or ``(batch, rows, out)``: bound ``C @ fn(x)``
-      directly, tighter than bounding ``fn(x)`` first (see :func:`margin_spec`).
+      directly, tighter than bounding ``fn(x)`` first (see :func:`margin_spec`); for a
+      pytree ``x``, ``(rows, out)`` with ``out`` the size of the whole of ``fn(x)``.
     - ``alpha``: :class:`AlphaOptions` for ``"alpha-crown"``; ``alpha_init``: the
       ``alphas`` of an earlier result on the same model and shapes (warm start).
     - ``batch_size``: bound this many examples at a time (``jax.lax.map``), to cap
@@ -142,23 +175,59 @@ def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None,
 
         b = jaxlirpa.bound(lambda x: model.apply(params, x), x, 0.1, method="crown")
         b.lower, b.upper
+        w = jaxlirpa.bound(lambda p: model.apply(p, x), params, jaxlirpa.LinfBall(0.01))
     """
     method = _check_method(method)
-    x = _check_input(x)
-    region = as_set(eps_or_set).region(x)
-    graph, consts, out = trace_per_example(fn, x)
-    C = _check_spec(spec, x.shape[0], int(np.prod(out.shape[1:])), out.dtype)
     if alpha is not None and not isinstance(alpha, AlphaOptions):
         raise TypeError("alpha must be a jaxlirpa.AlphaOptions.")
     if (alpha is not None or alpha_init is not None) and method != "alpha-crown":
         raise ValueError(f"alpha options apply to method='alpha-crown' only, not {method!r}.")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}.")
+    if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x)):
+        if batch_size is not None:
+            raise ValueError("batch_size applies to a batched array x, not to a pytree (which has no batch axis).")
+        return _bound_pytree(fn, x, eps_or_set, method, spec, alpha, alpha_init)
+    x = _check_input(x)
+    region = as_set(eps_or_set).region(x)
+    graph, consts, out = trace_per_example(fn, x)
+    C = _check_spec(spec, x.shape[0], int(np.prod(out.shape[1:])), out.dtype)
     run = _compiled(graph, method, None if C is None else C.ndim == 3, alpha, alpha_init is not None, batch_size)
     lower, upper, slopes = run(consts, region, C, alpha_init)
     if C is None:
         lower = None if lower is None else lower.reshape(out.shape)
         upper = None if upper is None else upper.reshape(out.shape)
+    return Bounds(lower, upper, slopes)
+
+
+def _bound_pytree(fn, tree, eps_or_set, method, spec, alpha, alpha_init) -> Bounds:
+    """:func:`bound` over a pytree whose perturbed leaves move jointly (weight perturbation)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
+    sets = sets_per_leaf(eps_or_set, tree)
+    paths = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    if all(s is None for s in sets):
+        raise ValueError("No leaf of x is perturbed: every set is None. Give a set for at least one leaf.")
+    regions = []
+    for path, leaf, s in zip(paths, leaves, sets):
+        if s is None:
+            continue
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise TypeError(f"Perturbed leaf {path!r} has dtype {leaf.dtype}; only floating-point leaves can move.")
+        if not isinstance(leaf, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(leaf))):
+            raise ValueError(f"Perturbed leaf {path!r} contains NaN or infinite values.")
+        regions.append(s.region(leaf))
+    flat_fn = lambda *ls: fn(jax.tree_util.tree_unflatten(treedef, ls))
+    out = jax.eval_shape(flat_fn, *leaves)
+    if not hasattr(out, "shape") or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"fn must return one floating-point array; got {jax.tree_util.tree_map(lambda o: o.shape, out)}.")
+    graph, consts = graph_lib.trace(flat_fn, leaves, [s is not None for s in sets])
+    _check_rules(graph)
+    C = _check_spec(spec, None, int(np.prod(out.shape)), out.dtype)
+    run = _compiled_joint(graph, method, alpha, alpha_init is not None)
+    lower, upper, slopes = run(consts, leaves, regions, C, alpha_init)
+    if C is None:
+        lower, upper = lower.reshape(out.shape), upper.reshape(out.shape)
     return Bounds(lower, upper, slopes)
 
 

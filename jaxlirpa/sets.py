@@ -169,3 +169,44 @@ def as_set(eps_or_set) -> Any:
         f"Expected eps (a number or array) or a set (LinfBall, L2Ball, L1Ball, Box); got {type(eps_or_set).__name__}."
     )
 
+
+
+def _is_set_leaf(s) -> bool:
+    return s is None or isinstance(s, (LinfBall, L2Ball, L1Ball, Box, int, float, np.ndarray, jax.Array, np.number))
+
+
+def sets_per_leaf(sets, tree) -> list:
+    """The set of every leaf of ``tree`` (``None``: the leaf stays constant), in
+    ``jax.tree_util.tree_leaves`` order. ``sets`` is one set (or radius) for all
+    leaves, or a pytree of them matching a prefix of ``tree``'s structure, with
+    ``None`` on subtrees that stay constant."""
+
+    class Each:  # carries a set (possibly None) to every leaf below it
+        def __init__(self, s):
+            self.s = s
+
+    try:
+        per_leaf = jax.tree_util.tree_map(lambda s, sub: jax.tree_util.tree_map(lambda _: Each(s), sub),
+                                          sets, tree, is_leaf=_is_set_leaf)
+    except ValueError as err:
+        raise ValueError(
+            "eps_or_set must be one set or radius for every leaf, or a pytree of sets (None for leaves that stay "
+            f"constant) shaped like a prefix of x's pytree; the structures differ: {err}"
+        ) from None
+    return [None if e.s is None else as_set(e.s) for e in jax.tree_util.tree_leaves(per_leaf, is_leaf=lambda e: isinstance(e, Each))]
+
+
+def perturb_leaves(tree, eps_or_set, where) -> Any:
+    """A pytree of sets for :func:`jaxlirpa.bound`: ``eps_or_set`` on the leaves of
+    ``tree`` where ``where(path, leaf)`` is true, ``None`` (constant) elsewhere.
+    ``path`` is the leaf's key path joined by ``/``, e.g. ``"params/Dense_0/kernel"``.
+
+    Example: perturb only the kernels of a flax model by 0.01::
+
+        sets = jaxlirpa.perturb_leaves(params, 0.01, lambda path, leaf: path.endswith("kernel"))
+        jaxlirpa.bound(lambda p: model.apply(p, x), params, sets)
+    """
+    def pick(path, leaf):
+        return eps_or_set if where(jax.tree_util.keystr(path, simple=True, separator="/"), leaf) else None
+
+    return jax.tree_util.tree_map_with_path(pick, tree)

@@ -120,6 +120,15 @@ def test_relu_split_proves_and_refutes_robustness():
     assert np.max(np.abs(cex - x)) <= 2.0 + 1e-6 and np.argmax(y) != label
 
 
+def test_fused_activations_verify_by_input_split():
+    """Fused primitives (leaky ReLU, gelu) run under vmap in branch and bound."""
+    fn = lambda x: mlp(x, activation=lambda z: jax.nn.gelu(jax.nn.leaky_relu(z, 0.1)))
+    x = np.array([0.3, -0.2], np.float32)
+    label = int(np.argmax(fn(x[None])[0]))
+    verdict = verify(fn, robustness_property(x, label, 0.05, 3, lower=None, upper=None), timeout=60)
+    assert verdict.status == "unsat"
+
+
 def test_command_line_writes_the_result_file(tmp_path, capsys):
     out = tmp_path / "result.txt"
     code = cli.main(["verify", str(SHARED / "test" / "test_sat.onnx"), str(SHARED / "test" / "test_prop.vnnlib"),

@@ -1,5 +1,6 @@
-"""Products of two perturbed tensors: ``x * y`` (``mul``) and ``dot_general``
-(attention's ``Q K^T``, ``softmax(.) V``, Gram matrices).
+"""Products of two perturbed tensors: ``x * y`` (``mul``), ``dot_general``
+(attention's ``Q K^T``, ``softmax(.) V``, Gram matrices) and ``conv`` (a
+perturbed input through perturbed weights).
 
 Both are bilinear maps ``z = D(x, y)``: every output element is a sum of
 products ``x_i * y_j``. Each product gets auto_LiRPA's ``BoundMul`` relaxation
@@ -19,7 +20,11 @@ the primitive to the operands' linear weights, never materialising the
 variable twice (``x * x``) both planes stay valid (tangent at ``xl`` below,
 chord above), as in auto_LiRPA. IBP takes the exact range of every single
 product (min/max of its four corners; ``[0 or min(l^2, u^2), max(l^2, u^2)]``
-for ``x * x``), summed over the contraction for ``dot_general``.
+for ``x * x``), summed over the contraction for ``dot_general``. For ``conv``,
+whose products do not line up as an array, IBP takes the centre-radius form
+``D(xc, yc) +- (D(|xc|, yr) + D(xr, |yc|) + D(xr, yr))``: sound, as every
+coefficient of ``D`` is 0 or 1, but looser than the corners when an interval
+excludes 0.
 
 :class:`Product` is registered as an alternative: ``mul`` and ``dot_general``
 with one perturbed operand keep the generic linear rule.
@@ -65,6 +70,8 @@ class Product(Rule):
     def interval(self, eqn, ops):
         (xl, xu), (yl, yu) = ops[0].interval, ops[1].interval
         shape, dtype = eqn.out_avals[0].shape, eqn.out_avals[0].dtype
+        if eqn.prim is P.conv_general_dilated_p:
+            return _centre_radius_interval(eqn, xl, xu, yl, yu)
         if eqn.prim is P.dot_general_p:
             xl, xu, yl, yu = _product_layout(eqn, xl, xu, yl, yu)
         if eqn.prim is P.mul_p and _same_variable(eqn):
@@ -124,6 +131,14 @@ class Product(Rule):
         return LinearBounds(lw, lb, uw, ub)
 
 
+def _centre_radius_interval(eqn, xl, xu, yl, yu) -> Interval:
+    D = lambda a, b: _bind(eqn, a, b)
+    xc, xr, yc, yr = (xu + xl) / 2, (xu - xl) / 2, (yu + yl) / 2, (yu - yl) / 2
+    mid = D(xc, yc)
+    rad = D(jnp.abs(xc), yr) + D(xr, jnp.abs(yc)) + D(xr, yr)
+    return Interval(mid - rad, mid + rad)
+
+
 def _same_variable(eqn) -> bool:
     a, b = eqn.inputs
     return isinstance(a, int) and a == b
@@ -146,4 +161,4 @@ def _product_layout(eqn, xl, xu, yl, yu):
     return lhs(xl), lhs(xu), rhs(yl), rhs(yu)
 
 
-PRODUCT = register_alternative(Product(), P.mul_p, P.dot_general_p)
+PRODUCT = register_alternative(Product(), P.mul_p, P.dot_general_p, P.conv_general_dilated_p)

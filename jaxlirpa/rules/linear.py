@@ -103,6 +103,10 @@ class LinearRule(Rule):
     def backward(self, eqn, ops, lA, uA):
         zeros = [jnp.zeros(a.shape, a.dtype) for a in _perturbed_avals(eqn, ops)]
         y0, pullback = jax.vjp(self.affine(eqn, ops), *zeros)
+        if eqn.prim in _SCALINGS:
+            # A scaling of its one perturbed operand is 0 at 0. Written out, XLA:CPU
+            # (jaxlib 0.10.2) turns sum(A * dot(x, zeros)) into garbage or NaN under jit.
+            y0 = jnp.zeros_like(y0)
         if lA is uA:  # identical lower and upper rows (an identity start): pull once
             pulled = jax.vmap(pullback)(lA)
             bias = jnp.sum(lA * y0, axis=tuple(range(1, lA.ndim)))
