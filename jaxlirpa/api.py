@@ -193,7 +193,17 @@ def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None,
     graph, consts, out = trace_per_example(fn, x)
     C = _check_spec(spec, x.shape[0], int(np.prod(out.shape[1:])), out.dtype)
     run = _compiled(graph, method, None if C is None else C.ndim == 3, alpha, alpha_init is not None, batch_size)
-    lower, upper, slopes = run(consts, region, C, alpha_init)
+    try:
+        lower, upper, slopes = run(consts, region, C, alpha_init)
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        chunk = max(1, (batch_size or x.shape[0]) // 4)
+        raise MemoryError(
+            f"Bounding {x.shape[0]} examples at once by {method!r} ran out of memory ({str(err).splitlines()[0]}). "
+            f"Memory grows linearly with the examples bounded together: pass batch_size={chunk} (or smaller) "
+            f"to bound them a chunk at a time, or use a cheaper method (\"crown-ibp\", \"ibp\")."
+        ) from err
     if C is None:
         lower = None if lower is None else lower.reshape(out.shape)
         upper = None if upper is None else upper.reshape(out.shape)

@@ -274,3 +274,12 @@ def test_functions_differing_only_in_inner_constants_never_share_compiled_bounds
     jaxlirpa.testing.assert_sound(f1, x, 0.1, method="ibp")
     with pytest.raises(AssertionError):
         jaxlirpa.testing.assert_sound(f2, x, 0.1, method="ibp", bounds=jaxlirpa.bound(f1, x, 0.1, method="ibp"))
+
+
+def test_out_of_memory_says_to_pass_batch_size(monkeypatch):
+    def exhausted(*args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 68719476736 bytes.")
+
+    monkeypatch.setattr(jaxlirpa.api, "_compiled", lambda *a, **k: exhausted)
+    with pytest.raises(MemoryError, match=r"pass batch_size=32"):
+        jaxlirpa.bound(lambda x: jax.nn.relu(x), jnp.zeros((128, 3)), 0.1)
