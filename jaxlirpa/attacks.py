@@ -116,6 +116,13 @@ def _keep_best(best, values: Array, z: Array):
     return jnp.where(better, values, best_values), jnp.where(mask, z, best_z)
 
 
+def _ascent(g: Array, kind: str) -> Array:
+    """The steepest-ascent direction of unit ``kind``-norm: sign(g), or g / |g|_2 per example."""
+    if kind == "inf":
+        return jnp.sign(g)
+    return g / jnp.maximum(_l2(g), jnp.finfo(g.dtype).tiny)
+
+
 def pgd(objective: Objective, x, eps, *, norm="inf", steps: int = 10, step_size=None,
         restarts: int = 1, random_start: bool = True, lower=None, upper=None,
         key=None) -> Array:
@@ -154,16 +161,11 @@ def pgd(objective: Objective, x, eps, *, norm="inf", steps: int = 10, step_size=
     def proj(z):
         return project(z, x, eps, norm=kind, lower=lower, upper=upper)
 
-    def ascent(g):
-        if kind == "inf":
-            return jnp.sign(g)
-        return g / jnp.maximum(_l2(g), jnp.finfo(x.dtype).tiny)
-
     def pgd_step(carry, _):
         z, best = carry
         values, grads = _values_and_grads(objective, z)
         best = _keep_best(best, values, z)
-        return (proj(z + step * ascent(grads)), best), None
+        return (proj(z + step * _ascent(grads, kind)), best), None
 
     def restart(best, restart_key):
         z = proj(_random_start(restart_key, x, eps, kind)) if random_start else proj(x)
@@ -193,27 +195,43 @@ def pgd_loss(apply_fn: Callable[[Array], Array], x, labels, eps, **kw) -> Array:
     return pgd(objective, x, eps, **kw)
 
 
-def fgsm(objective: Objective, x, eps, *, random_start: bool = True, alpha=None,
+def fgsm(objective: Objective, x, eps, *, norm="inf", random_start: bool = True, alpha=None,
          lower=None, upper=None, key=None) -> Array:
-    """One signed-gradient step on ``objective`` in the L-inf ball, from a
-    uniform random start: the cheap attack of "Fast is better than free"
-    (Wong et al., 2020) for fast adversarial training. ``alpha`` defaults to
-    ``1.25 * eps``; with ``random_start=False`` this is classic FGSM.
+    """One steepest-ascent step on ``objective`` in the ``norm``-ball (signed gradient
+    for L-inf, normalised gradient for L2), from a uniform random start: the cheap
+    attack of "Fast is better than free" (Wong et al., 2020) for fast adversarial
+    training. ``alpha`` defaults to ``1.25 * eps``; with ``random_start=False``
+    this is classic FGSM (or its L2 form, the fast gradient method).
 
     Example::
 
         x_adv = fgsm(objective, x, eps=8 / 255, key=jax.random.key(step))
+        x_adv = fgsm(objective, x, eps=0.5, norm=2, key=jax.random.key(step))
     """
+    kind = _norm_kind(norm)
     x = jnp.asarray(x)
     eps = jnp.asarray(eps, x.dtype)
     alpha = 1.25 * eps if alpha is None else jnp.asarray(alpha, x.dtype)
+    if kind == "2":
+        alpha = _per_example(alpha, x)
     if key is None:
         key = jax.random.key(0)
-    z = _random_start(key, x, eps, "inf") if random_start else x
-    z = project(z, x, eps, lower=lower, upper=upper)
+    proj = lambda z: project(z, x, eps, norm=kind, lower=lower, upper=upper)
+    z = proj(_random_start(key, x, eps, kind) if random_start else x)
     _, grads = _values_and_grads(objective, z)
-    z = project(z + alpha * jnp.sign(grads), x, eps, lower=lower, upper=upper)
-    return lax.stop_gradient(z)
+    return lax.stop_gradient(proj(z + alpha * _ascent(grads, kind)))
+
+
+def fgsm_loss(apply_fn: Callable[[Array], Array], x, labels, eps, **kw) -> Array:
+    """:func:`fgsm` on the per-example cross-entropy of ``apply_fn(x)`` against
+    integer ``labels``: the attack of fast adversarial training. Keyword
+    arguments go to :func:`fgsm`.
+
+    Example::
+
+        x_adv = fgsm_loss(lambda z: model.apply(params, z), x, y, eps=0.1, key=key, lower=0.0, upper=1.0)
+    """
+    return fgsm(lambda z: optax.softmax_cross_entropy_with_integer_labels(apply_fn(z), labels), x, eps, **kw)
 
 
 def margin_objective(apply_fn: Callable[[Array], Array], labels) -> Objective:

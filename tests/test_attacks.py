@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxlirpa.attacks import fgsm, margin_objective, pgd, pgd_loss, project
+from jaxlirpa.attacks import fgsm, fgsm_loss, margin_objective, pgd, pgd_loss, project
 
 B, D = 6, 5
 TOL = 1e-5
@@ -191,6 +191,25 @@ def test_fgsm_stays_in_box_and_ascends():
     assert np.all((x_adv - x) * jnp.sign(w) >= 0.25 * eps - TOL)
     classic = fgsm(_linear(w), x, eps, random_start=False)
     np.testing.assert_allclose(classic, x + eps * jnp.sign(w), atol=TOL)
+
+
+def test_l2_fgsm_stays_in_ball_and_reaches_the_maximiser():
+    x, w = _data()
+    x_adv = fgsm(_linear(w), x, 0.5, norm=2, key=jax.random.key(3))
+    assert np.all(_l2(x_adv - x) <= 0.5 + TOL)
+    # from the centre, one normalised step of alpha >= eps lands on the linear maximiser
+    classic = fgsm(_linear(w), x, 0.5, norm=2, random_start=False)
+    np.testing.assert_allclose(classic, x + 0.5 * w / _l2(w[None]), atol=TOL)
+
+
+def test_fgsm_loss_raises_the_cross_entropy():
+    x, _ = _data()
+    W = jax.random.normal(jax.random.key(5), (D, 3))
+    model, y = (lambda z: z.reshape(z.shape[0], -1) @ W), jnp.zeros(x.shape[0], jnp.int32)
+    ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(model(z), y)
+    x_adv = fgsm_loss(model, x, y, 0.1, random_start=False)
+    _assert_in_linf(x_adv, x, 0.1, None, None)
+    assert np.all(ce(x_adv) > ce(x))
 
 
 def test_margin_objective_finds_counterexample_iff_eps_large():
