@@ -87,21 +87,79 @@ def test_alpha_options_validate():
         jaxlirpa.bound(net, X, EPS, method="crown", alpha=jaxlirpa.AlphaOptions())
 
 
-ORACLE_CASES = ["mlp_relu_2d", "mlp_relu_10d", "mlp_relu_784", "mlp_spec_C", "mlp_leaky_relu"]
+# Smooth activations: tanh, exp, a convex power and a concave log have optimisable tangent
+# points (sigmoid shares tanh's code: the oracle case covers it); the product (McCormick,
+# fixed) rides along.
+V1 = jax.random.normal(jax.random.key(5), (4, 6)) / 2
+V2 = jax.random.normal(jax.random.key(6), (18, 3)) / 2
+VA, VB = (jax.random.normal(jax.random.key(k), (4, 3)) / 2 for k in (7, 8))
+
+
+def smooth_net(x):
+    h = x @ V1
+    acts = [jnp.tanh(2 * h), jnp.exp(h / 2), jnp.log1p(h ** 2)]
+    return jnp.concatenate(acts, -1) @ V2 + (x @ VA) * (x @ VB)
+
+
+@pytest.fixture(scope="module")
+def smooth():
+    opts = jaxlirpa.AlphaOptions(iterations=10)
+    crown = jaxlirpa.bound(smooth_net, X, EPS, method="crown")
+    eager = jaxlirpa.bound(smooth_net, X, EPS, method="alpha-crown", alpha=opts)
+    jitted = jax.jit(lambda x: jaxlirpa.bound(smooth_net, x, EPS, method="alpha-crown", alpha=opts))(X)
+    return crown, eager, jitted
+
+
+def test_smooth_activations_sound_and_tighter(smooth):
+    """With and without an outer jit: never looser than CROWN, tighter overall, and sound
+    against sampled and attacked points."""
+    from jaxlirpa.testing import assert_sound
+
+    crown, *optimised = smooth
+    for b in optimised:
+        assert np.all(b.lower >= crown.lower - 1e-5) and np.all(b.upper <= crown.upper + 1e-5)
+        assert np.sum(crown.upper - crown.lower) - np.sum(b.upper - b.lower) > 1e-2 * np.sum(crown.upper - crown.lower)
+        assert_sound(smooth_net, X, EPS, n_samples=512, attack_steps=20, bounds=b)
+
+
+def test_fixed_intermediate_bounds():
+    """``optimize_intermediate=False`` tunes the output's alphas only, still never looser than CROWN."""
+    crown = jaxlirpa.bound(net, X, EPS, method="crown")
+    opts = jaxlirpa.AlphaOptions(iterations=3, optimize_intermediate=False, bound="lower")
+    b = jaxlirpa.bound(net, X, EPS, method="alpha-crown", alpha=opts)
+    assert np.all(b.lower >= crown.lower - 1e-5) and np.sum(b.lower - crown.lower) > 1e-3
+
+
+# (case, tolerance as a fraction of the width), L-inf sets; the MLPs' L2 sets, the CNNs and the
+# ResNet block are as tight too (within 1e-3; measured, too slow to compile here).
+ORACLE_CASES = [
+    ("mlp_relu_2d", 2e-3),  # one upper bound 1.6e-3 of the width above: optimiser path, not schedule
+    ("mlp_relu_10d", 1e-3),
+    ("mlp_relu_784", 1e-3),
+    ("mlp_spec_C", 1e-3),
+    ("mlp_leaky_relu", 1e-3),
+    ("mlp_tanh", 1e-3),
+    ("mlp_sigmoid", 1e-3),
+    pytest.param("mul_exp", 1e-3, marks=pytest.mark.xfail(
+        strict=True, reason="auto_LiRPA also optimises the product's McCormick planes (rules/bilinear.py)")),
+]
 
 
 @pytest.mark.skipif(not oracle.available(), reason="oracle data not found")
-@pytest.mark.parametrize("name", ORACLE_CASES)
-def test_as_tight_as_auto_lirpa_alpha_crown(name):
-    """Same settings as the oracle (20 iterations, Adam, lr 0.1, decay 0.98). The
-    tolerance is 2e-3 of the width: mlp_relu_2d's upper bound stays 1.6e-3 of its
-    width above auto_LiRPA's on one element however long it runs (optimiser path)."""
+@pytest.mark.parametrize("name,tol", ORACLE_CASES)
+def test_as_tight_as_auto_lirpa_alpha_crown(name, tol):
+    """Same settings as the oracle (20 iterations, Adam, lr 0.1, decay 0.98): at least as
+    tight as auto_LiRPA's alpha-CROWN up to ``tol`` of the width, never looser than CROWN
+    (auto_LiRPA's, which ours equals: tests/test_oracle_tightness.py)."""
     case = oracle.load_case(name)
     S = case.sets["linf"]
     b = jaxlirpa.bound(case.fn, jnp.asarray(case.x0), jaxlirpa.LinfBall(S.eps), method="alpha-crown",
                        spec=case.C, alpha=jaxlirpa.AlphaOptions(learning_rate=0.1))
     rl, ru = S.methods["alpha-CROWN"]
+    cl, cu = S.methods["CROWN_pure"]
     lo, hi = np.asarray(b.lower).reshape(rl.shape), np.asarray(b.upper).reshape(ru.shape)
-    tol = 2e-3 * np.max(ru - rl) + 1e-6
-    assert np.max(rl - lo) <= tol and np.max(hi - ru) <= tol
+    same = 1e-5 * np.max(cu - cl)
+    assert np.all(lo >= cl - same) and np.all(hi <= cu + same)
     assert np.all(lo <= S.emp_min + 1e-5) and np.all(hi >= S.emp_max - 1e-5)
+    atol = tol * np.max(ru - rl) + 1e-6
+    assert np.max(rl - lo) <= atol and np.max(hi - ru) <= atol

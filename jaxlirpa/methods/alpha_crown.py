@@ -1,6 +1,10 @@
 """alpha-CROWN (Xu et al., ICLR 2021): CROWN whose optimisable relaxations
-(the lower slopes of ReLU, leaky ReLU, abs, ``max`` with a constant) are free
-parameters, tuned by gradient steps on the bounds themselves.
+are free parameters, tuned by gradient steps on the bounds themselves: the
+lower slopes of ReLU, leaky ReLU, abs, ``max`` with a constant, and the tangent
+points of S-shaped (tanh, sigmoid, erf) and convex/concave functions (exp, log,
+sqrt, powers, ``c / x``). After every step each is projected onto its valid
+range at the current intermediate bounds (the rules project again, so any
+value is sound).
 
 There is one slope array per (activation, start variable), for the lower and
 the upper pass, initialised at CROWN's own slopes, so intermediate bounds are
@@ -66,10 +70,11 @@ class AlphaOptions:
 
 
 class Slopes:
-    """The slopes CROWN's rules read, keyed ``"activation:start"``.
+    """The optimisable parameters (alphas) CROWN's rules read, keyed ``"activation:start"``.
 
-    Without ``values`` it records CROWN's slopes (the initial point) and their
-    valid ranges while a CROWN pass runs; with them it serves them.
+    Without ``values`` it records CROWN's own (the initial point) while a CROWN
+    pass runs; with them it serves them. Either way it records their valid
+    ranges at the bounds of the pass (they move as intermediate bounds tighten).
     """
 
     def __init__(self, values: dict | None = None):
@@ -79,11 +84,11 @@ class Slopes:
 
     def get(self, position, start, rule, eqn, ops, rows):
         key = f"{position}:{start}"
+        init, lo, hi = rule.alpha_start(eqn, ops)
+        self.ranges[key] = (lo, hi)
         if self.values is not None:
             return self.values[key]
-        slope, lo, hi = rule.alpha_start(eqn, ops)
-        self.init[key] = jnp.broadcast_to(slope, (2, rows, *slope.shape))
-        self.ranges[key] = (lo, hi)
+        self.init[key] = jnp.broadcast_to(init, (2, rows, *init.shape))
         return None
 
 
@@ -97,13 +102,12 @@ def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None
     lA = None if opts.bound == "upper" else A
     lo0, hi0 = backward(ctx, out, lA, uA, first)
     init = recorder.init if warm is None else warm
-    ranges = recorder.ranges
 
     def evaluate(slopes, prev):
         ctx.slopes = Slopes(slopes)
         bounds = crown_intervals(ctx, reference=prev) if opts.optimize_intermediate else prev
         lo, hi = backward(ctx, out, lA, uA, bounds)
-        return lo, hi, bounds
+        return lo, hi, bounds, jax.lax.stop_gradient(ctx.slopes.ranges)
 
     def loss_of(lo, hi):
         return (0.0 if hi is None else jnp.sum(hi)) - (0.0 if lo is None else jnp.sum(lo))
@@ -113,7 +117,7 @@ def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None
 
     def step(carry, i):
         slopes, state, best, prev, stale = carry
-        (loss, (lo, hi, bounds)), grads = jax.value_and_grad(
+        (loss, (lo, hi, bounds, ranges)), grads = jax.value_and_grad(
             lambda s: (lambda r: (loss_of(r[0], r[1]), r))(evaluate(s, prev)), has_aux=True)(slopes)
         if opts.progress is not None:
             jax.debug.callback(opts.progress, i, loss)
@@ -127,6 +131,7 @@ def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None
         stale = jnp.where(improved, 0, stale + 1)
         updates, state = optimizer.update(grads, state, slopes)
         go = 1.0 if patience is None else (stale < patience).astype(jnp.float32)
+        ranges = recorder.ranges | ranges  # alphas this step did not read keep CROWN's ranges
         slopes = {k: jnp.clip(s + go * updates[k], *ranges[k]) for k, s in slopes.items()}
         prev = jax.lax.stop_gradient({v: meet(prev[v], bounds[v]) for v in prev})
         return (slopes, state, (lo, hi), prev, stale), loss

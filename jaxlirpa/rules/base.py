@@ -142,43 +142,59 @@ class ElementwiseRule(Rule):
         return Interval(jnp.broadcast_to(lo, shape), jnp.broadcast_to(hi, shape))
 
     def backward(self, eqn, ops, lA, uA, alpha=None):
-        """``alpha``: optional ``(lower-pass, upper-pass)`` slopes of the
-        optimisable line, each ``(rows, *shape)`` (alpha-CROWN)."""
-        r = self._relaxation(eqn, ops)
-        lines = lambda a: (r.lw, r.lb) if alpha is None else self._sloped(eqn, ops, a)
+        """``alpha``: optional ``(lower-pass, upper-pass)`` parameters of the
+        optimisable lines, each ``(rows, *alpha shape)`` (alpha-CROWN)."""
+        lines = lambda a: self._relaxation(eqn, ops) if a is None else self._optimised(eqn, ops, a)
         lbias = ubias = 0.0
         if lA is not None:
             pos, neg = _pos_neg(lA)
-            lw, lb = lines(None if alpha is None else alpha[0])
-            lbias = _rowsum(_mul(pos, lb) + _mul(neg, r.ub))
-            lA = pos * lw + neg * r.uw
+            r = lines(None if alpha is None else alpha[0])
+            lbias = _rowsum(_mul(pos, r.lb) + _mul(neg, r.ub))
+            lA = pos * r.lw + neg * r.uw
         if uA is not None:
             pos, neg = _pos_neg(uA)
-            lw, lb = lines(None if alpha is None else alpha[1])
-            ubias = _rowsum(_mul(pos, r.ub) + _mul(neg, lb))
-            uA = pos * r.uw + neg * lw
+            r = lines(None if alpha is None else alpha[1])
+            ubias = _rowsum(_mul(pos, r.ub) + _mul(neg, r.lb))
+            uA = pos * r.uw + neg * r.lw
         grads = [(lA, uA) if isinstance(o, Perturbed) else None for o in ops]
         return grads, lbias, ubias
 
-    # alpha-CROWN: a rule is optimisable when it defines ``slope_range`` and
-    # ``lower_line``; the lower line's slope then becomes a free parameter.
+    # alpha-CROWN: a rule is optimisable when it defines either
+    # - ``slope_range(l, u, *params)`` and ``lower_line(l, u, *params, slope)``: the lower
+    #   line's slope is the free parameter (ReLU and kin), shaped like the output; or
+    # - ``alpha_init(l, u, *params) -> (init, lo, hi)`` and ``relax_at(l, u, *params, alpha)``:
+    #   ``k`` free parameters per element stacked on a leading axis (S-shaped and convex
+    #   functions: where their tangent lines touch), CROWN's own ones and their valid
+    #   range; ``relax_at`` projects ``alpha`` (shape ``(k, rows, *shape)``) onto that
+    #   range of the current ``[l, u]`` and gives the two lines, sound for any alpha.
     @property
     def optimizable(self) -> bool:
-        return hasattr(self, "lower_line")
+        return hasattr(self, "lower_line") or hasattr(self, "relax_at")
 
     def alpha_start(self, eqn, ops):
-        """CROWN's own slope (the initial alpha) and the valid range, shaped like the output."""
+        """CROWN's own alpha (the initial point) and its valid range, each shaped like
+        the output (with the leading parameter axis of ``relax_at`` rules)."""
         x, params = self.split(eqn, ops)
         shape = eqn_shape(eqn)
-        lo, hi = self.slope_range(*x.interval, *params)
-        return (jnp.broadcast_to(self._relaxation(eqn, ops).lw, shape),
-                jnp.broadcast_to(lo, shape), jnp.broadcast_to(hi, shape))
+        if hasattr(self, "relax_at"):
+            init, lo, hi = self.alpha_init(*x.interval, *params)
+            shape = (init.shape[0], *shape)
+        else:
+            lo, hi = self.slope_range(*x.interval, *params)
+            init = self._relaxation(eqn, ops).lw
+        return tuple(jnp.broadcast_to(t, shape) for t in (init, lo, hi))
 
-    def _sloped(self, eqn, ops, slope):
+    def _optimised(self, eqn, ops, alpha):
+        """The relaxation at ``alpha`` (shape ``(rows, *alpha shape)``), shaped ``(rows, *output shape)``."""
         x, params = self.split(eqn, ops)
-        lw, lb = self.lower_line(*x.interval, *params, slope=slope)
-        full = jnp.broadcast_shapes(jnp.shape(slope), eqn_shape(eqn))
-        return jnp.broadcast_to(lw, full), jnp.broadcast_to(lb, full)
+        full = (alpha.shape[0], *eqn_shape(eqn))
+        if hasattr(self, "relax_at"):
+            r = self.relax_at(*x.interval, *params, alpha=jnp.moveaxis(alpha, 1, 0))
+        else:
+            lw, lb = self.lower_line(*x.interval, *params, slope=alpha)
+            fixed = self._relaxation(eqn, ops)
+            r = Relaxation(lw, lb, fixed.uw, fixed.ub)
+        return Relaxation(*(jnp.broadcast_to(t, full) for t in r))
 
     # Branch and bound: a piecewise-linear rule that defines ``kink(*params)`` is linear
     # on each side of it, so splitting its input there removes the relaxation.

@@ -41,7 +41,7 @@ from jax import lax
 
 from jaxlirpa._compat import lax_primitives as P
 from jaxlirpa.rules.base import ElementwiseRule, Perturbed, Relaxation, float_pair, register, register_alternative
-from jaxlirpa.rules.sshape import s_shaped_relaxation
+from jaxlirpa.rules.sshape import s_shaped_relaxation, s_shaped_tangent_points
 
 
 def _concrete(*xs) -> bool:
@@ -98,6 +98,23 @@ def concave_relaxation(l, u, fl, fu, df_l, m, fm, df_m) -> Relaxation:
     return Relaxation(kc, bc, kt, bt)
 
 
+def _one_tangent(m, lo, hi, below):
+    """alpha-CROWN's parameters of a relaxation with one tangent line, the lower one where
+    ``below`` (convex), else the upper one: ``(init, lo, hi)``, each ``(2, *shape)``, the
+    tangent points of the lower and the upper line. The tangent's point starts at ``m`` and
+    is free in ``[lo, hi]``; the chord's is unused, pinned at ``m``."""
+    below = jnp.broadcast_to(below, jnp.shape(m))
+    init = jnp.stack([m, m])
+    free = jnp.stack([below, ~below])
+    return init, jnp.where(free, lo, init), jnp.where(free, hi, init)
+
+
+def _tangent_at(points, below, lo, hi):
+    """The point of the tangent line (the lower one where ``below``) among alpha-CROWN's
+    ``points`` (shape ``(2, ..., *shape)``), projected onto ``[lo, hi]``."""
+    return jnp.clip(jnp.where(below, points[0], points[1]), lo, hi)
+
+
 def _select(mask, a: Relaxation, b: Relaxation) -> Relaxation:
     return Relaxation(*(jnp.where(mask, x, y) for x, y in zip(a, b)))
 
@@ -111,6 +128,12 @@ def _finite_image(l, u, bad, safe, image):
     move = bad | flat
     lo, hi = image(jnp.where(move, safe, l), jnp.where(move, safe, u))
     return jnp.where(flat, lo0, lo), jnp.where(flat, hi0, hi), flat, move
+
+
+def _in_domain(l, u, bad, safe, image):
+    """``l`` and ``u`` moved to ``safe`` where :func:`_guarded` does not use the relaxation."""
+    _, _, _, move = _finite_image(l, u, bad, safe, image)
+    return jnp.where(move, safe, l), jnp.where(move, safe, u)
 
 
 def _image_of(l, u, bad, safe, image):
@@ -150,6 +173,10 @@ class _Monotone(ElementwiseRule):
     def tangent_point(self, l, u):
         return (l + u) / 2
 
+    def lowest_point(self, l, u):
+        """The lowest tangent point alpha-CROWN may take."""
+        return l
+
     def _prepare(self, l, u):
         l, u = float_pair(l, u)
         bad = self.bad(l, u)
@@ -160,8 +187,9 @@ class _Monotone(ElementwiseRule):
         fl, fu = self.f(l), self.f(u)
         return jnp.minimum(fl, fu), jnp.maximum(fl, fu)
 
-    def _relax(self, l, u):
-        m = self.tangent_point(l, u)
+    def _relax(self, l, u, points=None):
+        m = (self.tangent_point(l, u) if points is None
+             else _tangent_at(points, self.convex, self.lowest_point(l, u), u))
         build = convex_relaxation if self.convex else concave_relaxation
         return build(l, u, self.f(l), self.f(u), self.df(l), m, self.f(m), self.df(m))
 
@@ -170,8 +198,16 @@ class _Monotone(ElementwiseRule):
         return _image_of(l, u, bad, self.safe, self._image)
 
     def relax(self, l, u):
+        return self.relax_at(l, u, None)
+
+    def alpha_init(self, l, u):
         l, u, bad = self._prepare(l, u)
-        return _guarded(l, u, bad, self.safe, self._image, self._relax)
+        l, u = _in_domain(l, u, bad, self.safe, self._image)
+        return _one_tangent(self.tangent_point(l, u), self.lowest_point(l, u), u, self.convex)
+
+    def relax_at(self, l, u, alpha):
+        l, u, bad = self._prepare(l, u)
+        return _guarded(l, u, bad, self.safe, self._image, lambda l, u: self._relax(l, u, alpha))
 
 
 class Exp(_Monotone):
@@ -255,6 +291,9 @@ class Sqrt(_Monotone):
     def bad(self, l, u):
         return l < 0
 
+    def lowest_point(self, l, u):  # the tangent at 0 is vertical
+        return jnp.where(l > 0, l, u / 100)
+
 
 class Rsqrt(_Monotone):
     name, domain, convex = "rsqrt", "x > 0", True
@@ -327,21 +366,54 @@ def _power_image(l, u, c):
     return jnp.where(even & (c > 0) & (l < 0) & (u > 0), 0.0, lo), hi
 
 
-def _power_relax(l, u, c) -> Relaxation:
+def _power_pieces(l, u, c):
+    """Per element: concave (tangent above), ``[0, 0]`` of a ``0 < c < 1`` power (whose
+    tangent at 0 is vertical; f == 0 there), around 0 for odd ``c >= 3`` (-(S-shaped)),
+    CROWN's tangent point and the lowest one alpha-CROWN may take."""
     c, _, _, odd = _power_kinds(c)
     pos, neg = l >= 0, u <= 0
-    concave = (pos & (c > 0) & (c < 1)) | (neg & odd)
-    point0 = concave & (u == 0)  # 0 < c < 1 on [0, 0]: infinite tangent slope; f == 0 there
-    m = jnp.where(point0, 1.0, (l + u) / 2)
+    root = pos & (c > 0) & (c < 1)
+    concave = root | (neg & odd)
+    point0 = root & (u == 0)
+    s_shaped = ~pos & ~neg & odd & (c >= 3)
+    lowest = jnp.where(root & (l == 0), u / 100, l)
+    return c, concave, point0, s_shaped, jnp.where(point0, 1.0, (l + u) / 2), lowest
+
+
+def _has_odd_power(c) -> bool:
+    """Whether some element may take the negated S-shape (odd ``c >= 3``; unknown if traced)."""
+    c, _, _, odd = _power_kinds(c)
+    return not _concrete(c) or bool(np.any(odd & (c >= 3)))
+
+
+def _negated_power(c, dtype):
+    """``-x ** c`` and its derivative: S-shaped for odd ``c >= 3``."""
+    cc = jnp.asarray(c, dtype)
+    return (lambda x: -_pow(x, cc)), (lambda x: -_dpow(x, cc))
+
+
+def _power_relax(l, u, c, points=None) -> Relaxation:
+    c, concave, point0, s_shaped, m, lowest = _power_pieces(l, u, c)
+    if points is not None:
+        m = jnp.where(point0, 1.0, _tangent_at(points, ~concave, lowest, u))
     df_l = jnp.where(point0, 0.0, _dpow(l, c))
     args = (l, u, _pow(l, c), _pow(u, c), df_l, m, _pow(m, c), _dpow(m, c))
     r = _select(concave, concave_relaxation(*args), convex_relaxation(*args))
     r = _select(point0, Relaxation(*(jnp.zeros_like(l),) * 4), r)
-    if not _concrete(c) or np.any(odd & (c >= 3)):  # odd powers >= 3 around 0: -(S-shaped)
-        cc = jnp.asarray(c, l.dtype)
-        s = s_shaped_relaxation(lambda x: -_pow(x, cc), lambda x: -_dpow(x, cc), l, u)
-        r = _select(~pos & ~neg & odd & (c >= 3), Relaxation(-s.uw, -s.ub, -s.lw, -s.lb), r)
+    if _has_odd_power(c):
+        s = s_shaped_relaxation(*_negated_power(c, l.dtype), l, u, points=None if points is None else points[::-1])
+        r = _select(s_shaped, Relaxation(-s.uw, -s.ub, -s.lw, -s.lb), r)
     return r
+
+
+def _power_alpha(l, u, c):
+    c, concave, point0, s_shaped, m, lowest = _power_pieces(l, u, c)
+    init, lo, hi = _one_tangent(m, lowest, u, ~concave)
+    lo, hi = jnp.where(point0, init, lo), jnp.where(point0, init, hi)
+    if _has_odd_power(c):  # the negated S-shape's lower line is our upper one
+        flipped = [t[::-1] for t in s_shaped_tangent_points(*_negated_power(c, l.dtype), l, u)]
+        init, lo, hi = (jnp.where(s_shaped, a, b) for a, b in zip(flipped, (init, lo, hi)))
+    return init, lo, hi
 
 
 def power_image(l, u, c, op="pow"):
@@ -352,18 +424,28 @@ def power_image(l, u, c, op="pow"):
     return _image_of(l, u, bad, 1.0, lambda l, u: _power_image(l, u, c))
 
 
-def power_relaxation(l, u, c, op="pow") -> Relaxation:
+def power_relaxation(l, u, c, op="pow", points=None) -> Relaxation:
     """Relaxation of ``x ** c`` on ``[l, u]`` (constant ``c``, scalar or elementwise).
 
     Convex pieces (``l >= 0`` and ``c`` outside ``(0, 1)``; even ``c``
     anywhere) take the convex relaxation, concave pieces (``l >= 0``,
     ``0 < c < 1``; ``u <= 0``, odd ``c``) the concave one, odd ``c >= 3``
-    around 0 the negated S-shaped one.
+    around 0 the negated S-shaped one. ``points``: alpha-CROWN's tangent points
+    (:func:`power_alpha_init`), CROWN's own when None.
     """
     l, u = float_pair(l, u)
     bad = power_domain_bad(l, u, c)
     check_domain(op, _pow_domain(c), l, u, bad)
-    return _guarded(l, u, bad, 1.0, lambda l, u: _power_image(l, u, c), lambda l, u: _power_relax(l, u, c))
+    return _guarded(l, u, bad, 1.0, lambda l, u: _power_image(l, u, c), lambda l, u: _power_relax(l, u, c, points))
+
+
+def power_alpha_init(l, u, c, op="pow"):
+    """alpha-CROWN's start and range for :func:`power_relaxation`'s ``points``: the tangent
+    point of the lower and of the upper line, each ``(2, *shape)`` (see ``_one_tangent``)."""
+    l, u = float_pair(l, u)
+    bad = power_domain_bad(l, u, c)
+    check_domain(op, _pow_domain(c), l, u, bad)
+    return _power_alpha(*_in_domain(l, u, bad, 1.0, lambda l, u: _power_image(l, u, c)), c)
 
 
 class IntegerPow(ElementwiseRule):
@@ -377,7 +459,13 @@ class IntegerPow(ElementwiseRule):
         return power_image(l, u, y, op=f"integer_pow (y={y})")
 
     def relax(self, l, u, y):
-        return power_relaxation(l, u, y, op=f"integer_pow (y={y})")
+        return self.relax_at(l, u, y, alpha=None)
+
+    def alpha_init(self, l, u, y):
+        return power_alpha_init(l, u, y, op=f"integer_pow (y={y})")
+
+    def relax_at(self, l, u, y, alpha):
+        return power_relaxation(l, u, y, op=f"integer_pow (y={y})", points=alpha)
 
 
 class Square(IntegerPow):
@@ -415,12 +503,22 @@ class Pow(ElementwiseRule):
         return _image_of(l, u, bad, 0.0, image)
 
     def relax(self, l, u, c, which):
+        return self.relax_at(l, u, c, which, alpha=None)
+
+    def alpha_init(self, l, u, c, which):
         if which == 0:
-            return power_relaxation(l, u, c)
+            return power_alpha_init(l, u, c)
+        l, u, bad, _, _, image = self._base(l, u, c)
+        l, u = _in_domain(l, u, bad, 0.0, image)
+        return _one_tangent((l + u) / 2, l, u, True)
+
+    def relax_at(self, l, u, c, which, alpha):
+        if which == 0:
+            return power_relaxation(l, u, c, points=alpha)
         l, u, bad, log_c, f, image = self._base(l, u, c)
 
         def relax(l, u):
-            m = (l + u) / 2
+            m = (l + u) / 2 if alpha is None else _tangent_at(alpha, True, l, u)
             return convex_relaxation(l, u, f(l), f(u), log_c * f(l), m, f(m), log_c * f(m))
 
         return _guarded(l, u, bad, 0.0, image, relax)
@@ -444,7 +542,16 @@ class DivByPerturbed(ElementwiseRule):
         return _unbounded_image(bad, jnp.minimum(a, b), jnp.maximum(a, b))
 
     def relax(self, l, u, c):
-        r = power_relaxation(l, u, -1, op=self.op)
+        return self.relax_at(l, u, c, alpha=None)
+
+    def alpha_init(self, l, u, c):
+        init, lo, hi = power_alpha_init(l, u, -1, op=self.op)
+        return tuple(jnp.where(jnp.asarray(c) >= 0, t, t[::-1]) for t in (init, lo, hi))
+
+    def relax_at(self, l, u, c, alpha):
+        """For ``c < 0`` the lines of ``1 / x`` swap sides: so do their tangent points."""
+        points = None if alpha is None else jnp.where(jnp.asarray(c) >= 0, alpha, alpha[::-1])
+        r = power_relaxation(l, u, -1, op=self.op, points=points)
         bad = power_domain_bad(*float_pair(l, u), -1)
         c = jnp.asarray(c, r.lw.dtype)
         scaled = Relaxation(*(c * t for t in r))

@@ -23,17 +23,22 @@ tighter; ``SShaped(grid=0.01)`` reproduces auto_LiRPA's table lookup exactly
 (auto_LiRPA's table lookups do not either); everything else is
 differentiable, NaN-free also for ``l == u`` (where the relaxation is exact).
 Where a bound is infinite, the relaxation is the constant lines at the image.
+
+alpha-CROWN moves the tangent points (auto_LiRPA's optimisable ``BoundTanh``):
+each tangent line has its point free within the range where it stays sound
+(:func:`s_shaped_tangent_points`), CROWN's choice above being the start.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jaxlirpa._compat import lax_primitives as P
-from jaxlirpa.rules.base import ElementwiseRule, Relaxation, register
+from jaxlirpa.rules.base import ElementwiseRule, Relaxation, float_pair, register
 
 
 def _iters(dtype) -> int:
@@ -72,27 +77,25 @@ def tangent_point(f, df, t, *, reach: float = 100.0, upper=False):
     return lax.stop_gradient(far)
 
 
-def s_shaped_relaxation(f, df, l, u, *, grid: float | None = None, reach: float = 100.0) -> Relaxation:
-    """auto_LiRPA's relaxation of an S-shaped ``f`` (convex for
-    x < 0, concave for x > 0, point-symmetric about ``(0, f(0))``) on ``[l, u]``.
+class _Pieces(NamedTuple):
+    """What the lines of an S-shaped relaxation are made of on ``[l, u]``."""
 
-    ``grid``: evaluate the crossing-case tangent points at the grid point just
-    beyond the bound, as auto_LiRPA's precomputed tables do (``0.01`` there).
-    """
-    l, u = jnp.asarray(l), jnp.asarray(u)
-    dtype = jnp.result_type(l, u)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        dtype = jnp.float32
-    l, u = jnp.broadcast_arrays(l.astype(dtype), u.astype(dtype))
+    chord: tuple  # (slope, intercept)
+    pos: jax.Array  # l >= 0: concave
+    neg: jax.Array  # u <= 0: convex
+    chord_below: jax.Array  # the lower line is the chord
+    chord_above: jax.Array  # the upper line is the chord
+    init: jax.Array  # CROWN's tangent points (lower line's, upper line's), shape (2, *shape)
+    lo: jax.Array  # ... their valid range
+    hi: jax.Array
+
+
+def _pieces(f, df, l, u, grid, reach) -> _Pieces:
     fl, fu = f(l), f(u)
     width = u - l
     wide = width > 0
     k_chord = jnp.where(wide, (fu - fl) / jnp.where(wide, width, 1.0), df(l))
-    b_chord = fl - k_chord * l
     m = (l + u) / 2
-    k_m = df(m)
-    b_m = f(m) - k_m * m
-
     pos, neg = l >= 0, u <= 0
     both = ~pos & ~neg
     t_lo, t_up = jnp.maximum(u, 0), jnp.minimum(l, 0)
@@ -103,26 +106,69 @@ def s_shaped_relaxation(f, df, l, u, *, grid: float | None = None, reach: float 
     d = tangent_point(f, df, jnp.concatenate([t_lo.ravel(), t_up.ravel()]), reach=reach,
                       upper=jnp.arange(2 * n) >= n)
     d_lo, d_up = d[:n].reshape(l.shape), d[n:].reshape(l.shape)
-    k_dlo, k_dup = df(d_lo), df(d_up)
-    b_dlo, b_dup = f(d_lo) - k_dlo * d_lo, f(d_up) - k_dup * d_up
+    # Crossing: the chord where it does not cut the curve, else a tangent at d <= d_lo
+    # (CROWN: d_lo, or m when m <= d_lo, the "smoothness" choice); mirrored above.
+    chord_below = pos | (both & (k_chord < df(l)))
+    chord_above = neg | (both & (k_chord < df(u)))
+    lower_free, upper_free = ~chord_below, ~chord_above
+    init = jnp.stack([jnp.where(both, jnp.minimum(d_lo, m), m), jnp.where(both, jnp.maximum(d_up, m), m)])
+    lo = jnp.stack([jnp.where(both, jnp.minimum(l, d_lo), l), jnp.where(both, d_up, l)])
+    hi = jnp.stack([jnp.where(both, d_lo, u), jnp.where(both, jnp.maximum(u, d_up), u)])
+    free = jnp.stack([lower_free, upper_free])  # elsewhere the point is unused: pinned
+    return _Pieces((k_chord, fl - k_chord * l), pos, neg, chord_below, chord_above,
+                   init, jnp.where(free, lo, init), jnp.where(free, hi, init))
 
-    # Crossing case: tangent at the tangent point, or the chord, or (smoothness) the tangent at m.
-    direct_lo, direct_up = k_chord < df(l), k_chord < df(u)
-    cross_lw = jnp.where(d_lo >= m, k_m, jnp.where(direct_lo, k_chord, k_dlo))
-    cross_lb = jnp.where(d_lo >= m, b_m, jnp.where(direct_lo, b_chord, b_dlo))
-    cross_uw = jnp.where(d_up < m, k_m, jnp.where(direct_up, k_chord, k_dup))
-    cross_ub = jnp.where(d_up < m, b_m, jnp.where(direct_up, b_chord, b_dup))
+
+def project(points, lo, hi):
+    """``points`` (shape ``(k, ..., *shape)``) clipped to ``[lo, hi]`` (shape ``(k, *shape)``)."""
+    expand = lambda t: t.reshape(t.shape[:1] + (1,) * (points.ndim - t.ndim) + t.shape[1:])
+    return jnp.clip(points, expand(lo), expand(hi))
+
+
+def s_shaped_relaxation(f, df, l, u, *, grid: float | None = None, reach: float = 100.0,
+                        points=None) -> Relaxation:
+    """auto_LiRPA's relaxation of an S-shaped ``f`` (convex for
+    x < 0, concave for x > 0, point-symmetric about ``(0, f(0))``) on ``[l, u]``.
+
+    ``grid``: evaluate the crossing-case tangent points at the grid point just
+    beyond the bound, as auto_LiRPA's precomputed tables do (``0.01`` there).
+    ``points``: alpha-CROWN's tangent points of the lower and upper line, shape
+    ``(2, ..., *l.shape)``, projected onto their valid range (see
+    :func:`s_shaped_tangent_points`); CROWN's own when None.
+    """
+    l, u = float_pair(l, u)
+    p = _pieces(f, df, l, u, grid, reach)
+    points = p.init if points is None else project(points, p.lo, p.hi)
+    t_lo, t_up = points[0], points[1]
+    k_lo, k_up = df(t_lo), df(t_up)
+    k_chord, b_chord = p.chord
     return Relaxation(
-        lw=jnp.where(both, cross_lw, jnp.where(pos, k_chord, k_m)),
-        lb=jnp.where(both, cross_lb, jnp.where(pos, b_chord, b_m)),
-        uw=jnp.where(both, cross_uw, jnp.where(pos, k_m, k_chord)),
-        ub=jnp.where(both, cross_ub, jnp.where(pos, b_m, b_chord)),
+        lw=jnp.where(p.chord_below, k_chord, k_lo),
+        lb=jnp.where(p.chord_below, b_chord, f(t_lo) - k_lo * t_lo),
+        uw=jnp.where(p.chord_above, k_chord, k_up),
+        ub=jnp.where(p.chord_above, b_chord, f(t_up) - k_up * t_up),
     )
+
+
+def s_shaped_tangent_points(f, df, l, u, *, grid: float | None = None, reach: float = 100.0):
+    """``(init, lo, hi)``, each ``(2, *shape)``: CROWN's tangent points of the lower and
+    the upper line and the range where each tangent stays a sound bound on ``[l, u]``.
+
+    As auto_LiRPA's ``BoundTanh`` optimises them: on a convex piece (``u <= 0``) the
+    lower point is free in ``[l, u]``, on a concave one the upper point; crossing 0, the
+    lower point in ``[l, d_lo]`` (a tangent further left stays sound but is dominated
+    by the one at ``l``), the upper one in ``[d_up, u]``. Where a line is the chord
+    (optimal, not a tangent) its point is pinned (``lo == hi``).
+    """
+    l, u = float_pair(l, u)
+    p = _pieces(f, df, l, u, grid, reach)
+    return p.init, p.lo, p.hi
 
 
 class SShaped(ElementwiseRule):
     """An increasing S-shaped ``f`` (``fn``, derivative ``dfn``): image ``[f(l), f(u)]``
-    and :func:`s_shaped_relaxation`. ``grid=0.01`` mimics auto_LiRPA's tables."""
+    and :func:`s_shaped_relaxation`. ``grid=0.01`` mimics auto_LiRPA's tables.
+    alpha-CROWN optimises the tangent points (:func:`s_shaped_tangent_points`)."""
 
     def __init__(self, grid: float | None = None):
         self.grid = grid
@@ -140,9 +186,18 @@ class SShaped(ElementwiseRule):
 
     def relax(self, l, u):
         """:func:`s_shaped_relaxation`; where a bound is infinite, the constant lines of the image."""
-        l, u = jnp.asarray(l), jnp.asarray(u)
+        return self.relax_at(l, u, alpha=None)
+
+    def alpha_init(self, l, u):
+        l, u = float_pair(l, u)
         inf = ~(jnp.isfinite(l) & jnp.isfinite(u))
-        r = s_shaped_relaxation(self.fn, self.dfn, jnp.where(inf, 0, l), jnp.where(inf, 0, u), grid=self.grid)
+        return s_shaped_tangent_points(self.fn, self.dfn, jnp.where(inf, 0, l), jnp.where(inf, 0, u), grid=self.grid)
+
+    def relax_at(self, l, u, alpha):
+        l, u = float_pair(l, u)
+        inf = ~(jnp.isfinite(l) & jnp.isfinite(u))
+        r = s_shaped_relaxation(self.fn, self.dfn, jnp.where(inf, 0, l), jnp.where(inf, 0, u), grid=self.grid,
+                                points=alpha)
         zero = jnp.zeros_like(r.lw)
         return Relaxation(jnp.where(inf, zero, r.lw), jnp.where(inf, self.fn(l), r.lb),
                           jnp.where(inf, zero, r.uw), jnp.where(inf, self.fn(u), r.ub))

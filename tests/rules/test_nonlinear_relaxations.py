@@ -109,18 +109,9 @@ def _grid(l, u):
     return np.clip(l64 + (u64 - l64) * np.linspace(0, 1, GRID)[None], l64, u64)
 
 
-@pytest.mark.parametrize("name", list(FUNCS))
-def test_relaxation_and_image_sound_on_grid(name):
-    """Lines below/above f and the image around f on 2001 points per interval; exact
-    where l == u; values and gradients (w.r.t. l and u) NaN-free."""
-    image, relax, f64, window, specials = FUNCS[name]
-    l, u = _intervals(window, specials, seed=zlib.crc32(name.encode()))
-    outs, vjp = jax.vjp(lambda l, u: (*relax(l, u), *image(l, u)), l, u)
-    gl, gu = vjp(tuple(jnp.ones_like(t) for t in outs))
-    assert not np.any(np.isnan(np.asarray(gl))) and not np.any(np.isnan(np.asarray(gu))), f"{name}: NaN gradient"
-    for t in outs:
-        assert t.shape == l.shape and not np.any(np.isnan(np.asarray(t))), name
-    r, (lo, hi) = outs[:4], outs[4:]
+def _assert_lines_sound(name, r, l, u, f64):
+    """Lines ``r`` (each shaped like ``l``) below/above ``f64`` on the dense grid of every
+    interval; returns the grid, ``f64`` on it, the tolerance used and the lines in float64."""
     x = _grid(l, u)
     with np.errstate(over="ignore"):
         fx = f64(x)
@@ -133,6 +124,22 @@ def test_relaxation_and_image_sound_on_grid(name):
     bad = np.flatnonzero((low_gap > 0) | (up_gap > 0))
     assert bad.size == 0, (f"{name}: relaxation violated on [{float(l[bad[0]])}, {float(u[bad[0]])}] by "
                            f"{max(low_gap[bad[0]], up_gap[bad[0]]):.3g}")
+    return x, fx, tol, (lw, lb, uw, ub)
+
+
+@pytest.mark.parametrize("name", list(FUNCS))
+def test_relaxation_and_image_sound_on_grid(name):
+    """Lines below/above f and the image around f on 2001 points per interval; exact
+    where l == u; values and gradients (w.r.t. l and u) NaN-free."""
+    image, relax, f64, window, specials = FUNCS[name]
+    l, u = _intervals(window, specials, seed=zlib.crc32(name.encode()))
+    outs, vjp = jax.vjp(lambda l, u: (*relax(l, u), *image(l, u)), l, u)
+    gl, gu = vjp(tuple(jnp.ones_like(t) for t in outs))
+    assert not np.any(np.isnan(np.asarray(gl))) and not np.any(np.isnan(np.asarray(gu))), f"{name}: NaN gradient"
+    for t in outs:
+        assert t.shape == l.shape and not np.any(np.isnan(np.asarray(t))), name
+    r, (lo, hi) = outs[:4], outs[4:]
+    x, fx, tol, (lw, lb, uw, ub) = _assert_lines_sound(name, r, l, u, f64)
     lo64, hi64 = np.asarray(lo, np.float64)[:, None], np.asarray(hi, np.float64)[:, None]
     assert np.all(lo64 <= fx.min(1, keepdims=True) + tol) and np.all(hi64 >= fx.max(1, keepdims=True) - tol), name
     # the image is the range, up to the grid's resolution
@@ -147,6 +154,57 @@ def test_relaxation_and_image_sound_on_grid(name):
         assert np.allclose(w[point, 0] * l64 + b[point, 0], f_at, rtol=1e-5, atol=1e-5 * (1 + np.abs(l64))), name
     assert np.allclose(lo64[point, 0], f_at, rtol=1e-5, atol=1e-6), name
     assert np.allclose(hi64[point, 0], f_at, rtol=1e-5, atol=1e-6), name
+
+
+# alpha-CROWN's optimisable relaxations: name in FUNCS -> (rule, constant operands)
+OPTIMISED = {
+    **{n: (r, ()) for n, r in (("tanh", Tanh()), ("tanh_grid", Tanh(grid=0.01)), ("sigmoid", Logistic()),
+                               ("erf", Erf()), ("exp", Exp()), ("log", Log()),
+                               ("log1p", Log1p()), ("sqrt", Sqrt()), ("rsqrt", Rsqrt()))},
+    "square": (Square(), (2,)),
+    **{f"integer_pow{y}": (IntegerPow(), (y,)) for y in (2, 3, 5)},
+    **{f"integer_pow{y}{side}": (IntegerPow(), (y,)) for y in (-1, -2) for side in ("pos", "neg")},
+    **{f"pow{c}": (Pow(), (c, 0)) for c in (0.5, -0.5)},
+    "pow3.0": (Pow(), (3.0, 0)),
+    "pow_base2": (Pow(), (2.0, 1)),
+    "div3pos": (DivByPerturbed(), (3.0,)),
+    "div-2neg": (DivByPerturbed(), (-2.0,)),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMISED))
+def test_optimised_relaxation_sound_for_any_alpha(name):
+    """``relax_at`` at CROWN's alpha is ``relax`` exactly (alpha-CROWN starts at CROWN), and at
+    any alpha (inside, at the ends of and far outside its range: the rule projects) its lines
+    are sound on the dense grid; values and gradients NaN-free."""
+    rule, params = OPTIMISED[name]
+    _, _, f64, window, specials = FUNCS[name]
+    l, u = _intervals(window, specials, seed=zlib.crc32(name.encode()))
+    init, lo, hi = rule.alpha_init(l, u, *params)
+    assert init.shape == (2, *l.shape) and np.all(lo <= init) and np.all(init <= hi), name
+    at_init = rule.relax_at(l, u, *params, alpha=init[:, None])
+    for a, b in zip(at_init, rule.relax(l, u, *params)):  # lines alpha does not move stay unbatched
+        np.testing.assert_array_equal(jnp.broadcast_to(a, (1, *l.shape))[0], b, err_msg=name)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    spread = rng.uniform(-0.5, 1.5, (2, 4, *l.shape)).astype(np.float32)
+    spread[:, 0], spread[:, 1] = 0.0, 1.0  # the ends of the range
+    span = np.asarray(hi - lo)[:, None]
+    alpha = jnp.asarray(np.asarray(lo)[:, None] + span * spread + np.where(spread > 1.4, 100.0, 0.0), jnp.float32)
+    lines, vjp = jax.vjp(lambda a: rule.relax_at(l, u, *params, alpha=a), alpha)
+    (grad,) = vjp(type(lines)(*(jnp.ones_like(t) for t in lines)))
+    assert not np.any(np.isnan(np.asarray(grad))), f"{name}: NaN gradient"
+    for row in range(alpha.shape[1]):
+        r = [jnp.broadcast_to(t, alpha.shape[1:])[row] for t in lines]
+        assert not any(np.any(np.isnan(np.asarray(t))) for t in r), name
+        _assert_lines_sound(f"{name} (alpha row {row})", r, l, u, f64)
+
+
+def test_odd_power_ending_at_zero():
+    """``x ** 3`` on ``[-2, 0]`` is concave there: chord below, tangent above (it was once
+    taken for the degenerate ``0 < c < 1`` case on ``[0, 0]`` and relaxed to ``0``)."""
+    l, u = _padded([-2.0, -1.0, 0.0]), _padded([0.0, 0.0, 0.0])
+    for y in (3, 5):
+        _assert_lines_sound(f"x ** {y}", IntegerPow().relax(l, u, y), l, u, lambda x: x ** float(y))
 
 
 def test_s_shaped_follow_auto_lirpa_cases():
