@@ -29,6 +29,7 @@ from jax import lax
 import jaxlirpa
 from jaxlirpa._compat import lax_primitives as P, stack_p
 from jaxlirpa.graph import leaky_relu_p, trace
+from jaxlirpa.patterns import gelu_p, normalize_p, silu_p, softmax_p
 from jaxlirpa.rules.base import RULES
 from jaxlirpa.testing import assert_sound, sample_points
 
@@ -201,6 +202,28 @@ def _recurrent(x):
     return _cat(c, jnp.moveaxis(ys, 0, 1), outer, h * h, 1.0 / (2.0 + h * h))
 
 
+def _composite(x):
+    """Fused composites (jaxlirpa.patterns): softmax over either axis, layer norm, gelu, silu."""
+    h = dense(x)
+    grid = h.reshape(-1, 2, 3) * 2.0
+    ln = h - h.mean(-1, keepdims=True)
+    return _cat(jax.nn.softmax(grid, axis=-1), jax.nn.softmax(grid, axis=1),
+                ln / jnp.sqrt((ln ** 2).mean(-1, keepdims=True) + 1e-5),
+                jax.nn.gelu(2.0 * h, approximate=False), jax.nn.gelu(2.0 * h), jax.nn.silu(3.0 * h))
+
+
+def _two_perturbed_control(x):
+    """``div``/``max``/``min`` of two perturbed operands with implicit size-1 broadcasting
+    (rewritten while tracing), ``cond``/``switch`` with indices known while tracing (a literal,
+    one computed from a constant), ``fori_loop`` with ``jnp.int32`` bounds (a ``while``,
+    unrolled; reverse-mode AD refuses it, hence the ``stop_gradient``, which bounds ignore)."""
+    h = dense(x)
+    a, b = h.reshape(-1, 2, 3), (1.5 + jnp.tanh(h)).reshape(-1, 2, 3)[:, :, :1]
+    c = lax.cond(True, jnp.tanh, jnp.log, h) + lax.switch(jnp.argmax(C6), [jnp.log, jnp.cos, jnp.sin, jax.nn.relu], h)
+    w = lax.fori_loop(jnp.int32(0), jnp.int32(2), lambda i, t: jnp.tanh(t @ W2), lax.stop_gradient(h))
+    return _cat(a / b, jnp.maximum(a, b), jnp.minimum(b, a), jnp.maximum(h, h), jnp.minimum(b, C6.reshape(2, 3)), c, w)
+
+
 LINEAR = Case("linear", _linear)
 STRUCTURAL = Case("structural", _structural)
 CONV = Case("conv", _conv, "img")
@@ -211,6 +234,8 @@ MAX_POOL = Case("max_pool", _max_pool, "img")
 CONVEX = Case("convex", _convex)
 SMOOTH = Case("smooth", _smooth)
 RECURRENT = Case("recurrent", _recurrent)
+TWO_PERTURBED_CONTROL = Case("two_perturbed_control", _two_perturbed_control)
+COMPOSITE = Case("composite", _composite)
 CONVERT_ROUNDING = Case("convert_rounding", lambda x: _cat(dense(x).astype(jnp.bfloat16).astype(jnp.float32),
                                                            dense(x).astype(jnp.float16).astype(jnp.float32)))
 
@@ -221,7 +246,7 @@ CASES = {
     P.sub_p: [LINEAR, MLP],
     P.neg_p: [LINEAR],
     P.mul_p: [LINEAR, MLP, RECURRENT],
-    P.div_p: [LINEAR, CONV, RECURRENT],
+    P.div_p: [LINEAR, CONV, RECURRENT, TWO_PERTURBED_CONTROL],
     P.broadcast_in_dim_p: [STRUCTURAL],
     P.reshape_p: [STRUCTURAL],
     P.transpose_p: [STRUCTURAL, CONV],
@@ -242,7 +267,7 @@ CASES = {
     P.add_jaxvals_p: [LINEAR],
     P.convert_element_type_p: [LINEAR],
     P.reduce_window_sum_p: [CONV],
-    P.max_p: [MAX_MIN, MLP, CONV],
+    P.max_p: [MAX_MIN, MLP, CONV, TWO_PERTURBED_CONTROL],
     P.min_p: [MAX_MIN],
     leaky_relu_p: [LEAKY_ABS],
     P.abs_p: [LEAKY_ABS],
@@ -263,9 +288,14 @@ CASES = {
     P.pow_p: [CONVEX],
     P.sin_p: [SMOOTH],
     P.cos_p: [SMOOTH],
+    softmax_p: [COMPOSITE],
+    normalize_p: [COMPOSITE],
+    gelu_p: [COMPOSITE],
+    silu_p: [COMPOSITE],
     **({stack_p: [RECURRENT]} if stack_p is not None else {}),
 }
-ALL_CASES = [LINEAR, STRUCTURAL, CONV, MLP, MAX_MIN, LEAKY_ABS, MAX_POOL, SMOOTH, CONVEX, RECURRENT]
+ALL_CASES = [LINEAR, STRUCTURAL, CONV, MLP, MAX_MIN, LEAKY_ABS, MAX_POOL, SMOOTH, CONVEX, RECURRENT,
+             TWO_PERTURBED_CONTROL, COMPOSITE]
 assert {c.name for cs in CASES.values() for c in cs} == {c.name for c in ALL_CASES}
 L2_CASES = [MLP]
 # Cases also run with jit. Tracing under jit does not depend on the primitives, and compiling
