@@ -60,3 +60,15 @@ def test_transformer_example_bounds_contain_the_clean_margins(capsys, monkeypatc
     tol = 1e-4 * (1 + np.abs(clean))
     for method, (lower, upper) in results["bounds"].items():
         assert np.all(lower <= clean + tol) and np.all(clean <= upper + tol), method
+
+
+def test_weight_perturbation_example_bounds_hold_at_the_trained_weights(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    spec = importlib.util.spec_from_file_location("example_weight_perturbation", ROOT / "examples" / "weight_perturbation.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--ci"])
+    clean = results["clean_margins"]
+    assert {method for _, method, _ in results["rows"]} == set(module.METHODS)
+    for _, method, lower in results["rows"]:
+        assert np.all(lower <= clean + 1e-4 * (1 + np.abs(clean))), method
