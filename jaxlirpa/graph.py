@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxlirpa import _compat
 from jaxlirpa._compat import lax_primitives as P
-from jaxlirpa.rules.base import UnsupportedPrimitiveError
+from jaxlirpa.rules.base import UnsupportedPrimitiveError, unsupported
 
 MAX_UNROLLED_STEPS = 10_000
 """The longest ``while_loop`` that tracing unrolls."""
@@ -342,12 +342,9 @@ def _drop_dead(graph: Graph) -> None:
 
 
 def _unsupported(eqn, operands, perturbed: set[int], why: str) -> UnsupportedPrimitiveError:
-    """The error :func:`jaxlirpa.rules.base.lookup` raises, for a construct that tracing refuses."""
-    shapes = ", ".join(f"{'perturbed ' if isinstance(o, int) and o in perturbed else ''}{tuple(v.aval.shape)}"
-                       for o, v in zip(operands, eqn.invars))
-    return UnsupportedPrimitiveError(
-        f"jaxlirpa cannot bound primitive '{eqn.primitive.name}' (operands: {shapes}) at "
-        f"{_compat.user_location(eqn)}: {why}.")
+    """:func:`jaxlirpa.rules.base.unsupported` for a construct that tracing refuses."""
+    return unsupported(eqn.primitive.name, [v.aval for v in eqn.invars],
+                       [isinstance(o, int) and o in perturbed for o in operands], _compat.user_location(eqn), why)
 
 
 # ---------------------------------------------------------------- rewrites

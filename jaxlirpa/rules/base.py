@@ -275,13 +275,16 @@ def lookup(eqn, perturbed: tuple[bool, ...]) -> Rule:
         rule = rule.resolve(eqn, perturbed) or rule
         if rule.accepts(eqn, perturbed):
             return rule
-    shapes = ", ".join(
-        f"{'perturbed ' if p else ''}{tuple(a.shape)}" for a, p in zip(eqn.in_avals, perturbed)
-    )
     why = "no rule is registered for it" if rule is None else rule.why_not(eqn, perturbed)
-    raise UnsupportedPrimitiveError(
-        f"jaxlirpa cannot bound primitive '{eqn.prim.name}' (operands: {shapes}) at {eqn.location()}: {why}. "
-        f"Register one with jaxlirpa.register_rule(primitive, rule) (an ElementwiseRule subclass for "
-        f"elementwise nonlinear functions, jaxlirpa.LINEAR for linear ones); see README 'Adding a rule'."
-    )
+    raise unsupported(eqn.prim.name, eqn.in_avals, perturbed, eqn.location(),
+                      f"{why}. Register one with jaxlirpa.register_rule(primitive, rule) (an ElementwiseRule "
+                      f"subclass for elementwise nonlinear functions, jaxlirpa.LINEAR for linear ones); "
+                      f"see README 'Adding a rule'")
+
+
+def unsupported(name: str, avals, perturbed, location: str, why: str) -> UnsupportedPrimitiveError:
+    """The one error for anything jaxlirpa cannot bound: the primitive, its operand
+    shapes (perturbed ones marked), the user's line, why, and what to do."""
+    shapes = ", ".join(f"{'perturbed ' if p else ''}{tuple(a.shape)}" for a, p in zip(avals, perturbed))
+    return UnsupportedPrimitiveError(f"jaxlirpa cannot bound primitive '{name}' (operands: {shapes}) at {location}: {why}.")
 
