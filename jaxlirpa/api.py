@@ -21,8 +21,8 @@ from jaxlirpa.sets import Region, as_set, sets_per_leaf
 class Bounds:
     """Sound elementwise bounds: ``lower <= fn(x') <= upper`` for every x' in the set.
 
-    Shaped like ``fn(x)``, or ``(batch, rows)`` when a spec was given. A pytree,
-    so it crosses ``jax.jit`` and ``jax.grad``.
+    Shaped like ``fn(x)`` (pytrees of arrays when ``fn`` returns a pytree), or
+    ``(batch, rows)`` when a spec was given. A pytree, so it crosses ``jax.jit`` and ``jax.grad``.
     """
 
     lower: jax.Array
@@ -138,16 +138,27 @@ def _check_rules(graph) -> None:
 
 
 def trace_per_example(fn: Callable, x):
-    """Trace ``fn`` on one example (``x[0]``-shaped), checking it maps batches to batches."""
+    """Trace ``fn`` on one example (``x[0]``-shaped), checking it maps batches to batches:
+    an array, or a pytree of arrays (several outputs), each with ``x``'s leading axis."""
     out = jax.eval_shape(fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
-    if not hasattr(out, "shape") or out.ndim < 1 or out.shape[0] != x.shape[0]:
+    leaves = jax.tree_util.tree_leaves(out)
+    if not leaves or any(o.ndim < 1 or o.shape[0] != x.shape[0] for o in leaves):
         raise ValueError(
-            f"fn must map a batch of inputs to a batch of outputs (a single array with the same leading axis); "
-            f"got {jax.tree_util.tree_map(lambda o: o.shape, out)} for input shape {x.shape}."
+            f"fn must map a batch of inputs to a batch of outputs (an array, or a pytree of arrays, with the "
+            f"same leading axis); got {jax.tree_util.tree_map(lambda o: o.shape, out)} for input shape {x.shape}."
         )
-    graph, consts = graph_lib.trace(lambda xi: fn(xi[None])[0], [jax.ShapeDtypeStruct(x.shape[1:], x.dtype)], [True])
+    one = lambda xi: tuple(o[0] for o in jax.tree_util.tree_leaves(fn(xi[None])))  # noqa: E731
+    graph, consts = graph_lib.trace(one, [jax.ShapeDtypeStruct(x.shape[1:], x.dtype)], [True])
     _check_rules(graph)
     return graph, consts, out
+
+
+def _unflatten_outputs(flat, out):
+    """Split flat per-example bounds ``(batch, total)`` into arrays shaped like ``out``'s leaves."""
+    leaves, treedef = jax.tree_util.tree_flatten(out)
+    sizes = np.cumsum([int(np.prod(o.shape[1:])) for o in leaves])[:-1]
+    parts = jnp.split(flat, sizes, axis=1)
+    return jax.tree_util.tree_unflatten(treedef, [p.reshape(o.shape) for p, o in zip(parts, leaves)])
 
 
 def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None,
@@ -191,7 +202,13 @@ def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None,
     x = _check_input(x)
     region = as_set(eps_or_set).region(x)
     graph, consts, out = trace_per_example(fn, x)
-    C = _check_spec(spec, x.shape[0], int(np.prod(out.shape[1:])), out.dtype)
+    if not hasattr(out, "shape"):
+        if spec is not None:
+            raise ValueError("spec applies to a single output; fn returned a pytree "
+                             f"{jax.tree_util.tree_map(lambda o: o.shape, out)}. Bound each output on its own.")
+        if alpha_init is not None and not isinstance(alpha_init, list):
+            raise TypeError("alpha_init for a pytree of outputs is the list of alphas an earlier result returned.")
+    C = _check_spec(spec, x.shape[0], int(np.prod(out.shape[1:])), out.dtype) if hasattr(out, "shape") else None
     run = _compiled(graph, method, None if C is None else C.ndim == 3, alpha, alpha_init is not None, batch_size)
     try:
         lower, upper, slopes = run(consts, region, C, alpha_init)
@@ -205,8 +222,8 @@ def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None,
             f"to bound them a chunk at a time, or use a cheaper method (\"crown-ibp\", \"ibp\")."
         ) from err
     if C is None:
-        lower = None if lower is None else lower.reshape(out.shape)
-        upper = None if upper is None else upper.reshape(out.shape)
+        lower = None if lower is None else _unflatten_outputs(lower.reshape(x.shape[0], -1), out)
+        upper = None if upper is None else _unflatten_outputs(upper.reshape(x.shape[0], -1), out)
     return Bounds(lower, upper, slopes)
 
 

@@ -6,12 +6,11 @@
   ``|d loss / d activation|`` (gradient) over inputs, divided by its largest
   value over all neurons of the network.
 
-Both lie in [0, 1]. Pre-activation bounds come from the public API: for each
-:class:`GraftedReLU`, ``jaxlirpa.bound`` of the model cut at that layer (the
-module sows its input; everything after it is dead code the tracer drops). This
-costs one bound call per layer, each re-deriving the earlier layers' bounds:
-O(L^2) for CROWN, but independent of jaxlirpa's internals. Scores and masks
-are dicts keyed by the activation's module path, in the order the model calls them.
+Both lie in [0, 1]. Pre-activation bounds come from the public API: one
+``jaxlirpa.bound`` of the function returning every :class:`GraftedReLU`'s input
+(each module sows it); a pytree of outputs shares the intermediate bounds, so
+this costs one bound computation, not one per layer. Scores and masks are dicts
+keyed by the activation's module path, in the order the model calls them.
 """
 from __future__ import annotations
 
@@ -79,11 +78,8 @@ def preactivation_bounds(model: nn.Module, variables, x, eps_or_set, *, method: 
         b = preactivation_bounds(model, variables, x, jaxlirpa.LinfBall(0.1, 0., 1.), method="ibp")
         b["relu1"].lower.shape   # (batch, 14, 14, 16)
     """
-    out = {}
-    for layer in _layer_names(model, variables, x):
-        cut = lambda z, layer=layer: preactivations(model, variables, z)[layer]  # noqa: E731
-        out[layer] = jaxlirpa.bound(cut, x, eps_or_set, method=method, **bound_kwargs)
-    return out
+    b = jaxlirpa.bound(lambda z: preactivations(model, variables, z), x, eps_or_set, method=method, **bound_kwargs)
+    return {layer: jaxlirpa.Bounds(b.lower[layer], b.upper[layer]) for layer in _layer_names(model, variables, x)}
 
 
 def unstable_neurons(model: nn.Module, variables, x, eps_or_set, *, method: str = "crown",

@@ -50,8 +50,28 @@ def _fused_spec(ctx: Context, out, A, bounds, linear=None) -> Interval:
 
 def bound_flat(ctx: Context, method: str, C, alpha: AlphaOptions | None = None, warm=None):
     """Bounds of ``C @ flat(output)`` (or of the flat output when C is None) for one
-    example, and alpha-CROWN's optimised slopes (None for other methods)."""
-    out = ctx.graph.outputs[0]
+    example, and alpha-CROWN's optimised slopes (None for other methods).
+
+    A graph with several outputs (``fn`` returned a pytree; no spec) gets the flat
+    outputs one after another, sharing the intermediate bounds: one pass of the
+    method, not one per output."""
+    outs = ctx.graph.outputs
+    if len(outs) > 1:
+        if method == "alpha-crown":
+            warm = warm or [None] * len(outs)
+            found = [_bound_one(ctx, o, method, None, alpha, w) for o, w in zip(outs, warm)]
+            return _join([b for b, _ in found]), [s for _, s in found]
+        return _join(_one_shot(ctx, method, None, outs)), None
+    return _bound_one(ctx, outs[0], method, C, alpha, warm)
+
+
+def _join(parts: list[Interval]) -> Interval:
+    """One flat interval; a side no part computed (alpha-CROWN's ``bound="upper"``) stays None."""
+    cat = lambda side: None if side[0] is None else jnp.concatenate(side)  # noqa: E731
+    return Interval(cat([b.lower for b in parts]), cat([b.upper for b in parts]))
+
+
+def _bound_one(ctx: Context, out, method: str, C, alpha: AlphaOptions | None, warm):
     if not ctx.graph.is_perturbed(out):
         v = ctx.value(out).reshape(-1)
         return (Interval(v, v) if C is None else Interval(C @ v, C @ v)), None
@@ -67,22 +87,37 @@ def bound_flat(ctx: Context, method: str, C, alpha: AlphaOptions | None = None, 
         lo, slopes_lo, _ = alpha_crown(ctx, out, A, dataclasses.replace(opts, bound="lower"), warm["lower"])
         hi, slopes_hi, _ = alpha_crown(ctx, out, A, dataclasses.replace(opts, bound="upper"), warm["upper"])
         return Interval(lo.lower, hi.upper), {"lower": slopes_lo, "upper": slopes_hi}
-    return _one_shot(ctx, method, C), None
+    return _one_shot(ctx, method, C, [out])[0], None
 
 
-def _one_shot(ctx: Context, method: str, C) -> Interval:
-    out = ctx.graph.outputs[0]
-    shape, dtype = ctx.graph.avals[out].shape, ctx.graph.avals[out].dtype
-    A = None if C is None else C.reshape(C.shape[0], *shape)
-    if method in ("ibp", "forward") and A is None:
-        b = ibp_intervals(ctx, (out,))[out] if method == "ibp" else ctx.concretize_linear(forward_linear(ctx)[0][out])
-        return Interval(b.lower.reshape(-1), b.upper.reshape(-1))
+def _one_shot(ctx: Context, method: str, C, outs) -> list[Interval]:
+    """Flat bounds of each of ``outs`` (of ``C @ out`` for a single one), by one pass."""
+    flat = lambda b: Interval(b.lower.reshape(-1), b.upper.reshape(-1))  # noqa: E731
+    constant = {o: flat(Interval(ctx.value(o), ctx.value(o))) for o in outs if not ctx.graph.is_perturbed(o)}
+    live = [o for o in outs if o not in constant]
+    if C is not None:
+        (out,), shape = live, ctx.graph.avals[live[0]].shape
+        A = C.reshape(C.shape[0], *shape)
+        if method == "ibp":
+            return [_fused_spec(ctx, out, A, ibp_intervals(ctx))]
+        if method == "forward":
+            linear, bounds = forward_linear(ctx)
+            return [_fused_spec(ctx, out, A, bounds, linear)]
+        bounds = crown_intervals(ctx) if method == "crown" else ibp_intervals(ctx)
+        return [Interval(*backward(ctx, out, A, A, bounds))]
     if method == "ibp":
-        return _fused_spec(ctx, out, A, ibp_intervals(ctx))
-    if method == "forward":
-        linear, bounds = forward_linear(ctx)
-        return _fused_spec(ctx, out, A, bounds, linear)
-    bounds = crown_intervals(ctx) if method == "crown" else ibp_intervals(ctx)
-    if A is None:
-        A = jnp.eye(int(np.prod(shape)), dtype=dtype).reshape(-1, *shape)
-    return Interval(*backward(ctx, out, A, A, bounds))
+        found = ibp_intervals(ctx, tuple(live))
+    elif method == "forward":
+        linear = forward_linear(ctx)[0]
+        found = {o: ctx.concretize_linear(linear[o]) for o in live}
+    else:
+        bounds = crown_intervals(ctx) if method == "crown" else ibp_intervals(ctx)
+        found = {}
+        for o in live:  # an output that is also an intermediate already has CROWN's bound (crown)
+            if method == "crown" and o in bounds:
+                found[o] = bounds[o]
+                continue
+            shape, dtype = ctx.graph.avals[o].shape, ctx.graph.avals[o].dtype
+            A = jnp.eye(int(np.prod(shape)), dtype=dtype).reshape(-1, *shape)
+            found[o] = Interval(*backward(ctx, o, A, A, bounds))
+    return [constant[o] if o in constant else flat(found[o]) for o in outs]
