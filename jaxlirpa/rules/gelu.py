@@ -8,11 +8,15 @@ monotone. Image on ``[l, u]``: ``[f(clip(x_min, l, u)), max(f(l), f(u))]``.
 Relaxation. For a slope ``k`` the tightest sound intercepts are the exact minimum and
 maximum of ``g(x) = f(x) - k x`` on ``[l, u]``, reached at ``l``, ``u`` or where ``f'(x) = k``;
 ``f'`` is monotone on each of the three pieces, so that root is found by bisection on each
-piece (a provable check: no sampled grid). The slope candidates are the chord's and
-``f'`` at ``l``, ``u`` and the midpoint ``m``; each line keeps the candidate with the best
-value at ``m`` (the smallest area between line and curve). On a convex piece this is the
-tangent at ``m`` below and the chord above (concave: mirrored), the usual optimal pair.
-Elements with an infinite bound take the constant lines of the image.
+piece (a provable check: no sampled grid). Each line then takes the slope whose line is best
+at the midpoint ``m``, i.e. encloses the least area with the curve over ``[l, u]``. The optimal
+lower line is the tangent at ``m`` of the convex envelope of ``f`` on ``[l, u]``: the chord, the
+tangent at ``m``, or a line from ``l`` or from ``u`` tangent to the convex piece; the optimal
+upper line likewise touches the concave pieces (no line touches both, as ``f'(x) + f'(-x) = 1``
+keeps their slopes apart). These candidates' slopes (tangent points by bisection) are tried
+for both lines, so each line is the least-area one: never looser at ``m`` than any sound line,
+the decomposed path's included. Elements with an infinite bound take the constant lines of
+the image.
 """
 from __future__ import annotations
 
@@ -54,17 +58,18 @@ class Gated(ElementwiseRule):
     def _critical_points(self, k, l, u):
         """Where ``f' = k`` on each of the three pieces of ``[l, u]`` (an end of the piece if nowhere)."""
         ends = jnp.stack([jnp.broadcast_to(t, k.shape) for t in (l, jnp.clip(-self.c, l, u), jnp.clip(self.c, l, u), u)])
-        lo, hi = ends[:-1], ends[1:]
         rising = jnp.asarray([False, True, False]).reshape((3,) + (1,) * k.ndim)
+        return _bisect(lambda x: self.df(x) - k, ends[:-1], ends[1:], rising)
 
-        def step(_, bracket):
-            lo, hi = bracket
-            mid = (lo + hi) / 2
-            below = (self.df(mid) < k) == rising  # the root lies above mid
-            return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
-
-        lo, hi = lax.fori_loop(0, _BISECTIONS, step, (lo, lax.stop_gradient(hi)))
-        return lax.stop_gradient((lo + hi) / 2)
+    def _tangent_slopes(self, l, u):
+        """Slopes of the lines from ``l`` and from ``u`` tangent to the convex piece (lower
+        envelope) and to the far concave piece (upper envelope)."""
+        a, b = jnp.clip(-self.c, l, u), jnp.clip(self.c, l, u)
+        p = jnp.stack([l, u, l, u])
+        lo, hi = jnp.stack([a, a, b, l]), jnp.stack([b, b, u, a])
+        rising = jnp.asarray([False, True, True, False]).reshape((4,) + (1,) * l.ndim)
+        touch = _bisect(lambda t: self.f(t) + self.df(t) * (p - t) - self.f(p), lo, hi, rising)
+        return self.df(touch)
 
     def relax(self, l, u):
         l, u = float_pair(l, u)
@@ -75,20 +80,32 @@ class Gated(ElementwiseRule):
         fl, fu = self.f(l), self.f(u)
         wide = u > l
         chord = jnp.where(wide, (fu - fl) / jnp.where(wide, u - l, 1.0), self.df(l))
-        slopes = jnp.stack([chord, self.df(m), self.df(l), self.df(u)])
+        slopes = jnp.concatenate([jnp.stack([chord, self.df(m)]), self._tangent_slopes(l, u)])
         points = jnp.concatenate([jnp.stack([jnp.broadcast_to(l, slopes.shape), jnp.broadcast_to(u, slopes.shape)]),
                                   self._critical_points(slopes, l, u)])
-        g = self.f(points) - slopes * points  # (5 points, 4 slopes, ...)
-        lower_at_m = slopes * m + jnp.min(g, 0)
-        upper_at_m = slopes * m + jnp.max(g, 0)
-        lo_pick = jnp.argmax(lower_at_m, 0)[None]
-        up_pick = jnp.argmin(upper_at_m, 0)[None]
+        g = self.f(points) - slopes * points  # (5 points, 6 slopes, ...)
+        lo_pick = jnp.argmax(slopes * m + jnp.min(g, 0), 0)[None]
+        up_pick = jnp.argmin(slopes * m + jnp.max(g, 0), 0)[None]
         take = lambda t, i: jnp.take_along_axis(t, i, 0)[0]
         lw, lb = take(slopes, lo_pick), take(jnp.min(g, 0), lo_pick)
         uw, ub = take(slopes, up_pick), take(jnp.max(g, 0), up_pick)
         zero = jnp.zeros_like(lw)
         return Relaxation(jnp.where(inf, zero, lw), jnp.where(inf, lo_img, lb),
                           jnp.where(inf, zero, uw), jnp.where(inf, hi_img, ub))
+
+
+def _bisect(h, lo, hi, rising):
+    """Where ``h``, monotone on each ``[lo, hi]`` (``rising`` or falling), changes sign; the
+    end nearest to it where it does not."""
+
+    def step(_, bracket):
+        lo, hi = bracket
+        mid = (lo + hi) / 2
+        above = (h(mid) < 0) == rising  # the root lies above mid
+        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+    lo, hi = lax.fori_loop(0, _BISECTIONS, step, (lax.stop_gradient(lo), lax.stop_gradient(hi)))
+    return lax.stop_gradient((lo + hi) / 2)
 
 
 class GeluErf(Gated):

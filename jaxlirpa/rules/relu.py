@@ -20,6 +20,12 @@ def _chord(l, u, fl, fu, crossing):
     return slope, fl - slope * l
 
 
+def _offset(slope, c):
+    """``(1 - slope) * c``, the intercept of a line through ``(c, c)``: 0 where the slope is 1,
+    even for ``c = -inf`` (``max(x, -inf)``), where the product would be NaN."""
+    return (1 - slope) * jnp.where(slope == 1, 0.0, c)
+
+
 class MaxWithConstant(ElementwiseRule):
     """``max(x, c)``: ReLU when c = 0."""
 
@@ -32,13 +38,13 @@ class MaxWithConstant(ElementwiseRule):
     def relax(self, l, u, c):
         active, inactive = l >= c, u <= c
         crossing = ~active & ~inactive
-        slope, intercept = _chord(l, u, jnp.asarray(c, l.dtype) + 0 * l, u, crossing)
+        slope, intercept = _chord(l, u, jnp.where(crossing, c, l), u, crossing)  # finite where unused
         lower_slope = jnp.where(active | (crossing & (u - c > c - l)), 1.0, 0.0).astype(l.dtype)
         return Relaxation(
             lw=lower_slope,
-            lb=(1 - lower_slope) * c,
+            lb=_offset(lower_slope, c),
             uw=jnp.where(crossing, slope, lower_slope),
-            ub=jnp.where(crossing, intercept, (1 - lower_slope) * c),
+            ub=jnp.where(crossing, intercept, _offset(lower_slope, c)),
         )
 
 
@@ -49,7 +55,7 @@ class MaxWithConstant(ElementwiseRule):
         """``c + s (x - c)`` with s in [0, 1] where the kink is inside [l, u]."""
         crossing = (l < c) & (u > c)
         s = jnp.where(crossing, jnp.clip(slope, 0.0, 1.0), jnp.where(l >= c, 1.0, 0.0))
-        return s, (1 - s) * c
+        return s, _offset(s, c)
 
 
 class MinWithConstant(ElementwiseRule):

@@ -207,6 +207,18 @@ def test_odd_power_ending_at_zero():
         _assert_lines_sound(f"x ** {y}", IntegerPow().relax(l, u, y), l, u, lambda x: x ** float(y))
 
 
+def test_max_with_minus_infinity_is_nan_free():
+    """``max(x, -inf)`` is ``x``: its lines are the identity, NaN-free, with finite gradients
+    (``(1 - 1) * -inf`` once gave a NaN intercept)."""
+    from jaxlirpa.rules.relu import MaxWithConstant
+
+    rule, l, u = MaxWithConstant(), jnp.asarray([-3.0, 0.5, -1.0]), jnp.asarray([-1.0, 2.0, 4.0])
+    for lines in (rule.relax(l, u, -jnp.inf), (*rule.lower_line(l, u, -jnp.inf, jnp.full(3, 0.3)), 1.0, 0.0)):
+        np.testing.assert_array_equal([np.broadcast_to(t, (3,)) for t in lines], [[1.0] * 3, [0.0] * 3, [1.0] * 3, [0.0] * 3])
+    grad = jax.grad(lambda l, u: sum(jnp.sum(t) for t in rule.relax(l, u, -jnp.inf)), (0, 1))(l, u)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grad)
+
+
 def test_s_shaped_follow_auto_lirpa_cases():
     """l >= 0: chord below, tangent at m above; u <= 0: mirrored; crossing: tangent through the far end."""
     rule = Tanh()
