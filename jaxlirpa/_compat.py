@@ -129,15 +129,19 @@ def user_location(eqn) -> str:
 
     The innermost frame outside JAX, flax, equinox, optax and jaxlirpa itself,
     so that an error names the line a researcher wrote, not a library line.
+    JAX keeps only the innermost frames of each traceback, so for an equation deep
+    inside library code (a jitted ``jnp`` function called from a flax module) the
+    enclosing calls' tracebacks (``eqn.callers``) are searched next.
     """
-    tb = getattr(eqn.source_info, "traceback", None)
-    if tb is None:
+    infos = [i for i in (eqn.source_info, *getattr(eqn, "callers", ())) if getattr(i, "traceback", None) is not None]
+    if not infos:
         return "<unknown location>"
     skip = _library_dirs()
-    for frame in tb.frames:
-        if not frame.file_name.startswith(skip) and "<frozen" not in frame.file_name:
-            return f"{frame.file_name}:{frame.line_num} ({frame.function_name})"
-    return source_info_util.summarize(eqn.source_info)
+    for info in infos:
+        for frame in info.traceback.frames:
+            if not frame.file_name.startswith(skip) and "<frozen" not in frame.file_name:
+                return f"{frame.file_name}:{frame.line_num} ({frame.function_name})"
+    return source_info_util.summarize(infos[0]) or "<unknown location>"
 
 
 from jax.extend.core import primitives as lax_primitives  # noqa: E402  (re-exported table of lax primitives)

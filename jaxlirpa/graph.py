@@ -46,6 +46,7 @@ class Eqn:
     in_avals: tuple
     out_avals: tuple
     source_info: Any = None
+    callers: tuple = ()  # source infos of the enclosing calls (jit, scan, cond), innermost first
 
     def location(self) -> str:
         return _compat.user_location(self) if self.source_info is not None else "<unknown location>"
@@ -149,6 +150,7 @@ class _Builder:
         self.perturbed: set[int] = set()
         self.producer: dict[int, Eqn] = {}
         self.scope = None
+        self.callers: tuple = ()
         self.branch_of: dict[int, int] = {}
         self.decisions: list[str] = []
 
@@ -166,6 +168,7 @@ class _Builder:
         for eqn in jaxpr.eqns:
             ins = [self.read(env, v) for v in eqn.invars]
             body = _compat.call_body(eqn)
+            outer, self.callers = self.callers, (eqn.source_info, *self.callers)
             if eqn.primitive.name == "scan":
                 outs = self.unroll_scan(eqn, ins)
             elif eqn.primitive.name == "split":
@@ -178,7 +181,8 @@ class _Builder:
                 sub, consts = body
                 outs = self.inline_closed(sub, consts, ins)
             else:
-                outs = self.emit(eqn, ins)
+                outs = self.emit(eqn, ins, outer)
+            self.callers = outer
             for v, o in zip(eqn.outvars, outs):
                 if not isinstance(v, _compat.DropVar):
                     env[v] = o
@@ -188,10 +192,10 @@ class _Builder:
         env = dict(zip(jaxpr.invars, ins)) | {cv: Const(c) for cv, c in zip(jaxpr.constvars, consts)}
         return self.inline(jaxpr, env)
 
-    def emit(self, eqn, ins) -> list[int]:
+    def emit(self, eqn, ins, callers=()) -> list[int]:
         outs = [self.fresh(v.aval) for v in eqn.outvars]
         e = Eqn(eqn.primitive, tuple(ins), tuple(outs), dict(eqn.params), tuple(v.aval for v in eqn.invars),
-                tuple(v.aval for v in eqn.outvars), eqn.source_info)
+                tuple(v.aval for v in eqn.outvars), eqn.source_info, callers)
         self.eqns.append(e)
         self.producer.update(dict.fromkeys(outs, e))
         if self.any_perturbed(ins):

@@ -73,6 +73,22 @@ def test_unsupported_primitive_names_primitive_and_user_line():
     assert "sinh" in msg and "test_api.py" in msg and "register_rule" in msg and "(1, 8)" in msg
 
 
+def test_unsupported_primitive_inside_a_flax_module_names_the_modules_line():
+    """``jnp.sort`` is a jitted library function: its equation's own (truncated) traceback
+    has no user frame, so the line comes from the enclosing call."""
+    class Sorted(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.sort(nn.Dense(4)(x), axis=-1)  # line named in the error
+
+    model = Sorted()
+    params = model.init(KEY, X)
+    with pytest.raises(jaxlirpa.UnsupportedPrimitiveError, match="sort") as err:
+        jaxlirpa.bound(lambda x: model.apply(params, x), X, 0.1)
+    line = next(i for i, text in enumerate(open(__file__), 1) if "line named in the error" in text and "sort" in text)
+    assert f"test_api.py:{line} " in str(err.value)
+
+
 @pytest.mark.parametrize("method", ["ibp", "crown", "crown-ibp", "forward"])
 def test_jit_equals_eager_and_contains_centre(method):
     eager = jaxlirpa.bound(mlp, X, 0.1, method=method)
