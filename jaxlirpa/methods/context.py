@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlirpa.graph import Const, Graph
+from jaxlirpa.methods.patches import Patches
 from jaxlirpa.rules.base import Interval, LinearBounds, Perturbed, lookup
 from jaxlirpa.sets import Region
 
@@ -55,11 +56,12 @@ class Context:
     def input_intervals(self) -> dict[int, Interval]:
         return {i: Interval(*r.interval()) for i, r in self.regions.items()}
 
-    def concretize(self, As: dict[int, jax.Array], sign: int) -> jax.Array:
+    def concretize(self, As: dict[int, jax.Array | Patches], sign: int) -> jax.Array:
         """Sum over perturbed inputs of ``min`` (sign -1) or ``max`` (+1) of ``<A, x>``."""
         total = 0.0
         for i, A in As.items():
-            total = total + self.regions[i].concretize(A, sign)
+            region = self.regions[i]
+            total = total + (A.concretize(region, sign) if isinstance(A, Patches) else region.concretize(A, sign))
         return total
 
     def input_linear(self) -> dict[int, LinearBounds]:

@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlirpa.methods import patches
 from jaxlirpa.methods.context import Context
+from jaxlirpa.methods.patches import Patches
 from jaxlirpa.rules.base import Interval, Perturbed
 
 
@@ -34,13 +36,36 @@ def _identity_step(ctx: Context, eqn, ops):
     return [(A, A) if isinstance(o, Perturbed) else None for o in ops], bias, bias
 
 
+def _dense(pair, aval):
+    """Coefficients as arrays ``(rows, *aval.shape)`` (the same array twice for one
+    identity or patches object: linear rules then pull it once)."""
+    def one(A):
+        if A is IDENTITY:
+            return identity_rows(aval)
+        return A.dense(aval.shape) if isinstance(A, Patches) else A
+
+    lA = one(pair[0])
+    return (lA, lA) if pair[0] is pair[1] else (lA, one(pair[1]))
+
+
+def _merge(old, new, aval):
+    """The sum of two ``(lA, uA)`` contributions to one variable (dense where either is not)."""
+    if old is None:
+        return new
+    (a_l, a_u), (b_l, b_u) = _dense(old, aval), _dense(new, aval)
+    return _add(a_l, b_l), _add(a_u, b_u)
+
+
 def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset(), seeds=None, seen=None):
     """Push ``lA``/``uA`` (shape ``(rows, *target.shape)``, or both ``IDENTITY``) back to
-    the inputs, or to the variables in ``stop``. Returns ``({var: (lA, uA)}, lower bias, upper bias)``.
+    the inputs, or to the variables in ``stop``. Returns ``({var: (lA, uA)}, lower bias, upper bias)``;
+    at the inputs, ``lA``/``uA`` may be :class:`Patches` (``Context.concretize`` takes them).
 
+    Identity rows of a convolution's output travel as patches (``methods/patches.py``) as
+    far as they can, and as dense arrays from the first rule that does not take them.
     ``seeds`` adds ``{var: (lA, uA)}`` terms on earlier variables to the function pulled
-    back (beta-CROWN's split multipliers); ``seen``, a dict, receives the coefficients
-    reaching each variable as its producer is passed (branching heuristics read them)."""
+    back (beta-CROWN's split multipliers); ``seen``, a dict, receives the (dense)
+    coefficients reaching each variable as its producer is passed (branching heuristics read them)."""
     pending = {target: (lA, uA)} | dict(seeds or {})
     lbias = ubias = 0.0
     for eqn in reversed(ctx.perturbed_eqns):
@@ -49,32 +74,29 @@ def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset(), seeds
             continue
         A_l, A_u = pending.pop(out)
         if seen is not None:
-            seen[out] = (A_l, A_u)
+            seen[out] = _dense((A_l, A_u), ctx.graph.avals[out])
         ops = ctx.operands(eqn, bounds)
-        if A_l is IDENTITY:
-            step = _identity_step(ctx, eqn, ops)
-            if step is not None and not any(v in pending for v in eqn.inputs if ctx.graph.is_perturbed(v)):
-                grads, lb, ub = step
-                lbias, ubias = lbias + lb, ubias + ub
-                (v, g), = [(v, g) for v, g in zip(eqn.inputs, grads) if g is not None]
-                pending[v] = g
-                continue
-            A_l = A_u = identity_rows(ctx.graph.avals[out])  # one array: linear rules pull it once
-        rule = ctx.rule(eqn)
-        if ctx.slopes is not None and getattr(rule, "optimizable", False):
-            alpha = ctx.slopes.get(ctx.position[eqn], target, rule, eqn, ops, (A_l if A_l is not None else A_u).shape[0])
-            grads, lb, ub = rule.backward(eqn, ops, A_l, A_u, alpha=alpha)
-        else:
-            grads, lb, ub = rule.backward(eqn, ops, A_l, A_u)
+        step = None
+        if isinstance(A_l, Patches) or isinstance(A_u, Patches):
+            step = patches.pull(ctx, eqn, ops, A_l, A_u)
+        elif A_l is IDENTITY:
+            step = patches.start(ctx, eqn, ops) or _identity_step(ctx, eqn, ops)
+        if step is None:
+            A_l, A_u = _dense((A_l, A_u), ctx.graph.avals[out])
+            rule = ctx.rule(eqn)
+            if ctx.slopes is not None and getattr(rule, "optimizable", False):
+                alpha = ctx.slopes.get(ctx.position[eqn], target, rule, eqn, ops, (A_l if A_l is not None else A_u).shape[0])
+                step = rule.backward(eqn, ops, A_l, A_u, alpha=alpha)
+            else:
+                step = rule.backward(eqn, ops, A_l, A_u)
+        grads, lb, ub = step
         lbias, ubias = lbias + lb, ubias + ub
         for v, g in zip(eqn.inputs, grads):
             if g is not None:
-                old = pending.get(v)
-                pending[v] = g if old is None else (_add(old[0], g[0]), _add(old[1], g[1]))
-    for v, (A_l, A_u) in list(pending.items()):
-        if A_l is IDENTITY:
-            eye = identity_rows(ctx.graph.avals[v])
-            pending[v] = (eye, eye)  # the same array twice: linear rules pull it once
+                pending[v] = _merge(pending.get(v), g, ctx.graph.avals[v])
+    for v, pair in list(pending.items()):
+        if v not in ctx.regions or pair[0] is IDENTITY:
+            pending[v] = _dense(pair, ctx.graph.avals[v])
     return pending, lbias, ubias
 
 

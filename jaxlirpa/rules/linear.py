@@ -94,11 +94,16 @@ class LinearRule(Rule):
         return lambda *ts: jax.jvp(f, ts, ts)[1]
 
     def interval(self, eqn, ops):
-        mids = [(o.interval.lower + o.interval.upper) / 2 for o in ops if isinstance(o, Perturbed)]
-        rads = [(o.interval.upper - o.interval.lower) / 2 for o in ops if isinstance(o, Perturbed)]
-        mid = self.affine(eqn, ops)(*mids)
-        rad = self.linear_abs(eqn, ops)(*rads)
-        return Interval(mid - rad, mid + rad)
+        """``f(mid) -+ |L| rad``. Inputs with an infinite bound enter as 0 and mark, through
+        ``|L|``, the outputs they reach, which become unbounded (``(l + u) / 2`` would be NaN)."""
+        bounds = [o.interval for o in ops if isinstance(o, Perturbed)]
+        finite = [jnp.isfinite(l) & jnp.isfinite(u) for l, u in bounds]
+        mids = [jnp.where(ok, (l + u) / 2, 0) for (l, u), ok in zip(bounds, finite)]
+        rads = [jnp.where(ok, (u - l) / 2, 0) for (l, u), ok in zip(bounds, finite)]
+        absL = self.linear_abs(eqn, ops)
+        mid, rad = self.affine(eqn, ops)(*mids), absL(*rads)
+        reached = absL(*[(~ok).astype(m.dtype) for ok, m in zip(finite, mids)]) > 0
+        return Interval(jnp.where(reached, -jnp.inf, mid - rad), jnp.where(reached, jnp.inf, mid + rad))
 
     def backward(self, eqn, ops, lA, uA):
         zeros = [jnp.zeros(a.shape, a.dtype) for a in _perturbed_avals(eqn, ops)]
@@ -131,6 +136,7 @@ class LinearRule(Rule):
         is still the identity), or None when there is no shortcut.
         ``dot_general`` with a constant right operand gives its weight directly:
         pulling an identity through it would be a wasted matmul with ``eye``.
+        (A convolution's identity rows become patches: ``methods/patches.py``.)
         """
         perturbed = [i for i, o in enumerate(ops) if isinstance(o, Perturbed)]
         if len(perturbed) != 1:
@@ -141,9 +147,6 @@ class LinearRule(Rule):
                 return None
             zero = jnp.zeros(eqn.in_avals[i].shape, eqn.in_avals[i].dtype)
             return None, self.affine(eqn, ops)(zero).reshape(-1)
-        if eqn.prim is P.conv_general_dilated_p and i == 0:
-            A = _conv_jacobian(eqn, ops[1])
-            return (None if A is None else (A, jnp.zeros((A.shape[0],), A.dtype)))
         if eqn.prim is P.dot_general_p and i == 0:
             (contract, rhs_contract), (batch, _) = eqn.params["dimension_numbers"]
             if batch:
@@ -170,33 +173,6 @@ class LinearRule(Rule):
         w, dw = jax.vmap(L)(*mid_w), jax.vmap(absL)(*rad_w)
         b, db = self.affine(eqn, ops)(*mid_b), absL(*rad_b)
         return LinearBounds(lw=w - dw, lb=b - db, uw=w + dw, ub=b + db)
-
-
-def _conv_jacobian(eqn, W):
-    """The Jacobian of a convolution with constant kernel ``W`` w.r.t. its single
-    example input, built from ``W`` and one-hot window tables: a few small
-    tensordots instead of a transposed convolution over a one-hot batch."""
-    p = eqn.params
-    x_shape, out_shape = eqn.in_avals[0].shape, eqn.out_avals[0].shape
-    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
-    if (p["feature_group_count"] != 1 or p["batch_group_count"] != 1 or any(d != 1 for d in p["lhs_dilation"])
-            or x_shape[lhs_spec[0]] != 1):
-        return None
-    T = jnp.transpose(W, rhs_spec)  # (O, C, K1, ..., Kn)
-    spatial = len(rhs_spec) - 2
-    for d in range(spatial):
-        Y, H, K = out_shape[out_spec[2 + d]], x_shape[lhs_spec[2 + d]], W.shape[rhs_spec[2 + d]]
-        stride, dil, lo = p["window_strides"][d], p["rhs_dilation"][d], p["padding"][d][0]
-        h = np.arange(Y)[:, None] * stride - lo + np.arange(K)[None, :] * dil  # (Y, K) input coordinate
-        S = (h[:, :, None] == np.arange(H)[None, None, :]).astype(np.float32)  # (Y, K, H)
-        T = jnp.tensordot(T, jnp.asarray(S, T.dtype), axes=([2], [1]))  # K_d replaced by (Y_d, H_d) at the end
-    # T: (O, C, Y1, H1, ..., Yn, Hn) -> (N=1, O, Y..., N=1, C, H...)
-    order = [0] + [2 + 2 * d for d in range(spatial)] + [1] + [3 + 2 * d for d in range(spatial)]
-    T = jnp.transpose(T, order)
-    T = T.reshape(1, *T.shape[:1 + spatial], 1, *T.shape[1 + spatial:])
-    n = 2 + spatial
-    T = jnp.transpose(T, list(np.argsort(out_spec)) + [n + a for a in np.argsort(lhs_spec)])
-    return T.reshape(-1, *x_shape)
 
 
 class IdentityRule(Rule):

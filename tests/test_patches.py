@@ -1,0 +1,140 @@
+"""The patches form of CROWN's conv coefficients (methods/patches.py) gives the dense form's bounds."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jaxlirpa
+from jaxlirpa import api
+from jaxlirpa.methods import patches
+from jaxlirpa.rules.base import Interval
+from jaxlirpa.graph import trace
+from jaxlirpa.methods.context import Context
+
+
+def _conv(x, w, layout, stride=1, padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):
+    spec = ("NHWC", "HWIO", "NHWC") if layout == "NHWC" else ("NCHW", "OIHW", "NCHW")
+    return lax.conv_general_dilated(x, w, (stride, stride), padding, rhs_dilation=dilation,
+                                    dimension_numbers=spec, feature_group_count=groups)
+
+
+def _kernel(key, layout, out_c, in_c, k):
+    w = jax.random.normal(jax.random.key(key), (out_c, in_c, k, k)) / np.sqrt(in_c * k * k)
+    return jnp.transpose(w, (2, 3, 1, 0)) if layout == "NHWC" else w
+
+
+def _net(layout):
+    """pad -> conv (stride 2) -> relu -> conv (dilation 2, groups 2, asymmetric padding) -> relu
+    -> conv (stride 2) -> tanh -> dense; every conv's identity rows go through the patches path."""
+    w1, w2, w3 = _kernel(1, layout, 4, 2, 3), _kernel(2, layout, 4, 2, 2), _kernel(3, layout, 3, 4, 3)
+    wd = jax.random.normal(jax.random.key(4), (48, 3)) / 7
+    spatial = (1, 2) if layout == "NHWC" else (2, 3)
+
+    def fn(x):
+        x = jnp.pad(x, [(0, 0)] + [(1, 2) if a in spatial else (0, 0) for a in range(1, 4)])
+        x = jax.nn.relu(_conv(x, w1, layout, stride=2, padding=((1, 1), (0, 1))) - 0.1)
+        x = jax.nn.relu(_conv(x, w2, layout, padding=((2, 1), (1, 2)), dilation=(2, 2), groups=2))
+        x = jnp.tanh(_conv(x, w3, layout, stride=2, padding=((1, 1), (1, 1))) * 1.5)
+        return x.reshape(x.shape[0], -1) @ wd
+
+    shape = (2, 9, 9, 2) if layout == "NHWC" else (2, 2, 9, 9)
+    return fn, jax.random.uniform(jax.random.key(5), shape)
+
+
+def _pooled(layout):
+    """conv -> relu -> max pool -> conv -> relu: patches meet a rule without a patches form."""
+    w1, w2 = _kernel(6, layout, 3, 1, 3), _kernel(7, layout, 2, 3, 2)
+    window = (1, 2, 2, 1) if layout == "NHWC" else (1, 1, 2, 2)
+
+    def fn(x):
+        x = jax.nn.relu(_conv(x, w1, layout, padding=((1, 1), (1, 1))))
+        x = lax.reduce_window(x, -jnp.inf, lax.max, window, window, "VALID")
+        return jax.nn.relu(_conv(x, w2, layout)).reshape(x.shape[0], -1)
+
+    return fn, jax.random.uniform(jax.random.key(8), (1, 6, 6, 1) if layout == "NHWC" else (1, 1, 6, 6))
+
+
+_START = patches.start
+
+
+@pytest.fixture
+def dense_only(monkeypatch):
+    """CROWN without the patches form: identity rows of convolutions start dense."""
+    monkeypatch.setattr(patches, "start", lambda *args: None)
+    api._CACHE.clear()
+    yield
+    api._CACHE.clear()
+
+
+def _bounds(fn, x, method, eps):
+    alpha = jaxlirpa.AlphaOptions(iterations=2) if method == "alpha-crown" else None
+    b = jaxlirpa.bound(fn, x, eps, method=method, alpha=alpha)
+    return np.asarray(b.lower), np.asarray(b.upper)
+
+
+# crown-ibp has no identity starts (IBP intermediates), so no patches; ibp uses them on an L2 ball.
+CASES = [(_net, "NHWC", "crown", 0.1), (_net, "NCHW", "crown", jaxlirpa.L1Ball(0.5)),
+         (_net, "NHWC", "ibp", jaxlirpa.L2Ball(0.5)), (_pooled, "NCHW", "crown", 0.2),
+         (_pooled, "NHWC", "alpha-crown", 0.2)]
+
+
+@pytest.fixture(scope="module")
+def fast_bounds():
+    """``case -> (bounds with the patches form, how many passes started it)``, memoised."""
+    found = {}
+
+    def compute(case):
+        if case not in found:
+            build, layout, method, eps = case
+            starts, current = [], patches.start
+            patches.start = lambda *args: starts.append(_START(*args)) or starts[-1]
+            api._CACHE.clear()
+            try:
+                fn, x = build(layout)
+                found[case] = _bounds(fn, x, method, eps), sum(s is not None for s in starts)
+            finally:
+                patches.start = current
+                api._CACHE.clear()
+        return found[case]
+
+    return compute
+
+
+@pytest.mark.parametrize("build,layout,method,eps", [
+    pytest.param(*case, id=f"{case[0].__name__[1:]}-{case[1]}-{case[2]}-{type(case[3]).__name__}",
+                 marks=[pytest.mark.slow] if case[2] == "alpha-crown" else [])
+    for case in CASES])
+def test_patches_equal_dense(fast_bounds, dense_only, build, layout, method, eps):
+    """Every method that starts patches gives the dense path's bounds (both are sound:
+    the dense path is checked by tests/test_soundness.py)."""
+    (lo, hi), started = fast_bounds((build, layout, method, eps))
+    assert started > 0  # the fast path ran
+    fn, x = build(layout)
+    dlo, dhi = _bounds(fn, x, method, eps)
+    assert np.all(np.isfinite(lo)) and np.all(lo <= hi)
+    tol = 1e-5 * np.maximum(1.0, np.abs(dhi - dlo))
+    np.testing.assert_array_less(np.abs(lo - dlo), tol)
+    np.testing.assert_array_less(np.abs(hi - dhi), tol)
+
+
+def _interval_of_last(fn, l, u):
+    """The rule's interval of ``fn``'s last equation, its perturbed operand in ``[l, u]``."""
+    graph, consts = trace(fn, [jax.ShapeDtypeStruct(l.shape, l.dtype)], [True])
+    ctx = Context(graph, consts, [l], {})
+    eqn = graph.eqns[-1]
+    return ctx.rule(eqn).interval(eqn, ctx.operands(eqn, {graph.inputs[0]: Interval(l, u)}))
+
+
+def test_linear_interval_with_infinite_bounds_has_no_nan():
+    """``(l + u) / 2`` of an unbounded input is NaN; the outputs it reaches become
+    unbounded instead, and the others keep their exact interval."""
+    l, u = jnp.array([-jnp.inf, 1.0, -5.0]), jnp.array([2.0, 3.0, jnp.inf])
+    W = jnp.array([[1.0, 0.0], [2.0, 0.0], [0.0, 0.0]])
+    lo, hi = _interval_of_last(lambda x: x @ W, l, u)
+    np.testing.assert_array_equal(lo, [-np.inf, 0.0])  # column 0 reads the unbounded input 0; column 1 reads none
+    np.testing.assert_array_equal(hi, [np.inf, 0.0])
+    lo, hi = _interval_of_last(lambda x: x + 1.0, l, u)
+    np.testing.assert_array_equal(lo, [-np.inf, 2.0, -np.inf])
+    np.testing.assert_array_equal(hi, [np.inf, 4.0, np.inf])
