@@ -6,9 +6,10 @@
   shift ``s`` constant along the summed axes) into ``softmax_p(x)``: softmax is shift
   invariant, so the max that ``jax.nn.softmax`` subtracts is never bounded;
 - layer and RMS normalisation (flax ``nn.LayerNorm``'s ``E[x^2] - E[x]^2`` form,
-  ``z / sqrt(mean(z^2) + eps)``, ``z * rsqrt(...)``) into ``normalize_p(z)`` followed by
-  the scale (a ``mul`` by a constant), ``z`` being the centred vector (its centring stays
-  linear and exact);
+  ``z / sqrt(mean(z^2) + eps)``, ``z * rsqrt(...)``) into ``normalize_p(z, var)`` followed
+  by the scale (a ``mul`` by a constant), ``z`` being the centred vector (its centring stays
+  linear and exact) and ``var`` the graph's own variance node, kept so that the methods bound
+  it from the input;
 - ``jax.nn.gelu`` (erf and tanh forms), ``0.5 x (1 + erf(x / sqrt 2))`` and ``x * sigmoid(x)``
   (silu) into ``gelu_p`` / ``silu_p``.
 
@@ -31,10 +32,9 @@ from jaxlirpa.graph import Const, Eqn, Graph
 softmax_p = _compat.define_primitive("jaxlirpa_softmax", lambda x, *, axes: jax.nn.softmax(x, axis=axes))
 """``softmax(x)`` over ``axes``."""
 
-normalize_p = _compat.define_primitive(
-    "jaxlirpa_normalize",
-    lambda z, *, axes, eps: z * lax.rsqrt(jnp.mean(z * z, axis=axes, keepdims=True) + eps))
-"""``z / sqrt(mean(z^2 over axes) + eps)``: layer norm of a centred ``z``, or RMS norm."""
+normalize_p = _compat.define_primitive("jaxlirpa_normalize", lambda z, var, *, axes, eps: z * lax.rsqrt(var + eps))
+"""``z / sqrt(var + eps)`` with ``var = mean(z^2 over axes)`` (size 1 on ``axes``): layer norm of
+a centred ``z``, or RMS norm. The rule relies on ``var`` being that mean."""
 
 gelu_p = _compat.define_primitive("jaxlirpa_gelu", lambda x, *, approximate: jax.nn.gelu(x, approximate=approximate))
 """``x * Phi(x)`` (``approximate=True``: the tanh form)."""
@@ -288,12 +288,15 @@ def _normalize(graph: Graph, producer, e):
         axes = _mean_square_axes(graph, producer, var, z, rank)
         if axes is None or _scalar(producer, eps) is None or not _scalar(producer, eps) > 0:
             continue
-        params = dict(axes=axes, eps=_scalar(producer, eps))
+        kept = tuple(1 if d in axes else n for d, n in enumerate(_shape(graph, z)))
+        if _shape(graph, var) != kept:  # the variance broadcast back over the axes: not fused
+            continue
+        params, in_avals = dict(axes=axes, eps=_scalar(producer, eps)), (graph.avals[z], graph.avals[var])
         if scale is None:
-            return _fused(normalize_p, z, graph, e, **params)
+            return [Eqn(normalize_p, (z, var), e.outputs, params, in_avals, e.out_avals, e.source_info)]
         y = max(graph.avals) + 1
         graph.avals[y] = graph.avals[z]
-        return [Eqn(normalize_p, (z,), (y,), params, (graph.avals[z],), (graph.avals[z],), e.source_info),
+        return [Eqn(normalize_p, (z, var), (y,), params, in_avals, (graph.avals[y],), e.source_info),
                 Eqn(P.mul_p, (y, scale), e.outputs, dict(e.params), (graph.avals[y], _aval(graph, scale)), e.out_avals,
                     e.source_info)]
     return None
