@@ -149,19 +149,22 @@ def needed_intervals(ctx: Context, bounds, compute) -> dict[int, Interval]:
     return bounds
 
 
-def crown_intervals(ctx: Context, reference: dict[int, Interval] | None = None) -> dict[int, Interval]:
+def crown_intervals(ctx: Context, reference: dict[int, Interval] | None = None,
+                    combine=None) -> dict[int, Interval]:
     """CROWN bounds on the inputs of every nonlinear rule, met with ``reference``
     (IBP's by default; alpha-CROWN passes its best bounds so far): where IBP is
     exact (the first linear layer on a box) the reference is taken as it is,
     elsewhere each element keeps the tighter of the two. (A linear bound can be
     looser than IBP, e.g. of ``2 + x * x``, whose McCormick plane dips below 2:
-    met with IBP it stays in the domain of a following ``1 / .``.)"""
+    met with IBP it stays in the domain of a following ``1 / .``.) ``combine(fresh,
+    reference)`` replaces :func:`meet` (alpha-CROWN's changes only the gradient)."""
     from jaxlirpa.methods.ibp import ibp_exact, ibp_intervals
 
     exact = ibp_exact(ctx)
     ref = ibp_intervals(ctx) if reference is None else reference
+    combine = combine or meet
     return needed_intervals(ctx, ctx.input_intervals(),
-                            lambda v, b: ref[v] if v in exact else meet(interval_of(ctx, v, b), ref[v]))
+                            lambda v, b: ref[v] if v in exact else combine(interval_of(ctx, v, b), ref[v]))
 
 
 def meet(a: Interval, b: Interval) -> Interval:

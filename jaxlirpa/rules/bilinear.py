@@ -26,6 +26,18 @@ whose products do not line up as an array, IBP takes the centre-radius form
 coefficient of ``D`` is 0 or 1, but looser than the corners when an interval
 excludes 0.
 
+Each McCormick plane is the tangent plane of ``D`` at a corner of the box:
+the lower ones at ``(xl, yl)`` and ``(xu, yu)``, the upper ones at ``(xl, yu)``
+and ``(xu, yl)``. alpha-CROWN optimises, per (start node, row, output element),
+one weight in ``[0, 1]`` for each side: the convex combination ``w * (first
+corner's plane) + (1 - w) * (second's)``, as auto_LiRPA's
+``MulHelper.interpolated_relaxation``. Every single product is bounded by its
+own combination, so for ``dot_general`` and ``conv``, whose products share the
+output element's weight, it is sound too, and stays in the VJP form. ``w = 1``
+gives CROWN's planes. For ``x * x`` the lower combination is raised to the
+tangent at ``t = w xl + (1 - w) xu`` (by ``w (1 - w) (xu - xl)^2``, what
+convexity leaves between them); the upper planes are both the chord.
+
 :class:`Product` is registered as an alternative: ``mul`` and ``dot_general``
 with one perturbed operand keep the generic linear rule.
 """
@@ -94,6 +106,8 @@ class Product(Rule):
         return D, xl, yl, yu
 
     def backward(self, eqn, ops, lA, uA, alpha=None):
+        """``alpha``: optional ``(lower-pass, upper-pass)`` weights, each ``(rows, 2, *output
+        shape)``: of the lower and the upper planes' first corners (alpha-CROWN)."""
         D, xl, yl, yu = self._planes(eqn, ops)
         x_aval, y_aval = eqn.in_avals
         present = [A for A in (lA, uA) if A is not None]
@@ -105,12 +119,42 @@ class Product(Rule):
         first = (jnp.arange(pos.shape[0]) < n).reshape((-1,) + (1,) * (pos.ndim - 1))
         on_yl = jnp.where(first, pos, neg)  # the rows that meet the lower plane
         on_yu = jnp.where(first, neg, pos)  # ... and the upper one
-        A_x = _pull(lambda x: D(x, yl), x_aval, on_yl) + _pull(lambda x: D(x, yu), x_aval, on_yu)
-        A_y = _pull(lambda y: D(xl, y), y_aval, pos + neg)
-        bias = -(_rowsum(on_yl * D(xl, yl)) + _rowsum(on_yu * D(xl, yu)))
+        if alpha is None:
+            A_x = _pull(lambda x: D(x, yl), x_aval, on_yl) + _pull(lambda x: D(x, yu), x_aval, on_yu)
+            A_y = _pull(lambda y: D(xl, y), y_aval, pos + neg)
+            bias = -(_rowsum(on_yl * D(xl, yl)) + _rowsum(on_yu * D(xl, yu)))
+        else:
+            A_x, A_y, bias = self._interpolated(eqn, ops, on_yl, on_yu, _present_weights(alpha, lA, uA))
         split = lambda t: (t[:n] if lA is not None else None, t[n:] if uA is not None else None)
         lbias, ubias = split(bias)
         return [split(A_x), split(A_y)], (0.0 if lbias is None else lbias), (0.0 if ubias is None else ubias)
+
+    def _interpolated(self, eqn, ops, lower_rows, upper_rows, weights):
+        """``backward`` through ``w``-combinations of the two planes of each side;
+        ``weights`` ``(rows, 2, *output shape)`` are clipped to ``[0, 1]``, so any is sound."""
+        D, xl, yl, yu = self._planes(eqn, ops)
+        xu = ops[0].interval.upper
+        w = jnp.clip(weights, 0.0, 1.0)
+        lo1, lo2 = lower_rows * w[:, 0], lower_rows * (1 - w[:, 0])  # corners (xl, yl), (xu, yu)
+        up1, up2 = upper_rows * w[:, 1], upper_rows * (1 - w[:, 1])  # corners (xl, yu), (xu, yl)
+        x_aval, y_aval = eqn.in_avals
+        A_x = _pull(lambda x: D(x, yl), x_aval, lo1 + up2) + _pull(lambda x: D(x, yu), x_aval, lo2 + up1)
+        A_y = _pull(lambda y: D(xl, y), y_aval, lo1 + up1) + _pull(lambda y: D(xu, y), y_aval, lo2 + up2)
+        bias = -(_rowsum(lo1 * D(xl, yl)) + _rowsum(lo2 * D(xu, yu))
+                 + _rowsum(up1 * D(xl, yu)) + _rowsum(up2 * D(xu, yl)))
+        if eqn.prim is P.mul_p and _same_variable(eqn):
+            bias = bias + _rowsum(lower_rows * (w[:, 0] * (1 - w[:, 0]) * (xu - xl) ** 2))
+        return A_x, A_y, bias
+
+    # ----------------------------------------------------------- alpha-CROWN
+
+    optimizable = True
+
+    def alpha_start(self, eqn, ops):
+        """CROWN's weights (1: the planes at ``(xl, yl)`` and ``(xl, yu)``) and their range."""
+        shape = (2, *eqn.out_avals[0].shape)
+        dtype = eqn.out_avals[0].dtype
+        return jnp.ones(shape, dtype), jnp.zeros(shape, dtype), jnp.ones(shape, dtype)
 
     # --------------------------------------------------------------- forward
 
@@ -129,6 +173,11 @@ class Product(Rule):
         lb = D(x.lb, ylp) + D(x.ub, yln) + D(xlp, y.lb) + D(xln, y.ub) - D(xl, yl)
         ub = D(x.ub, yup) + D(x.lb, yun) + D(xlp, y.ub) + D(xln, y.lb) - D(xl, yu)
         return LinearBounds(lw, lb, uw, ub)
+
+
+def _present_weights(alpha, lA, uA):
+    """The weights of the passes present, stacked like ``backward``'s rows (lower pass first)."""
+    return jnp.concatenate([a for a, A in zip(alpha, (lA, uA)) if A is not None])
 
 
 def _centre_radius_interval(eqn, xl, xu, yl, yu) -> Interval:

@@ -8,6 +8,9 @@
   ``dot_general`` with a middle batch and two contracting dimensions;
 - the rule alone: its backward and forward bounds hold at sampled points of
   random operand boxes with non-exact operand linear bounds, random signed ``A``;
+  so do alpha-CROWN's interpolated planes for random weights, also outside [0, 1]
+  (clipped), for ``x * y``, ``x * x`` (whose lower plane is the tangent at the
+  interpolated point), matmul and conv; weights of 1 are CROWN's planes;
 - IBP is the exact range where the factors are independent (corner min/max,
   summed over the contraction), and of ``x * x``;
 - CROWN, CROWN-IBP and forward mode are exactly the McCormick planes
@@ -186,20 +189,22 @@ SPECS = {  # name: (function of the two operands, their shapes)
     "mul_scalar_right": (lambda a, b: a * b, (5,), ()),
     "matmul": (lambda a, b: a @ b, (3, 4), (4, 2)),
     "dot_general": (lambda a, b: lax.dot_general(a, b, (((0, 3), (3, 0)), ((1,), (1,)))), (2, 3, 2, 4), (4, 3, 2, 2)),
+    "conv": (lambda a, b: lax.conv_general_dilated(a, b, (1, 1), "VALID"), (1, 2, 4, 4), (3, 2, 2, 2)),
 }
 
 
-def _violation(eqn, fn, same, ops, lA, uA, e, tx, ty):
-    """Worst excess of ``fn(x, y)`` over the rule's backward and forward bounds at
-    inputs ``e`` (rows of the box), with ``x``, ``y`` at fractions ``tx``, ``ty``
-    between their lower and upper linear bounds (``y = x`` when ``same``)."""
+def _violation(eqn, fn, same, ops, lA, uA, e, tx, ty, alpha=None):
+    """Worst excess of ``fn(x, y)`` over the rule's backward (with the plane weights
+    ``alpha``, if any) and forward bounds at inputs ``e`` (rows of the box), with ``x``,
+    ``y`` at fractions ``tx``, ``ty`` between their lower and upper linear bounds
+    (``y = x`` when ``same``)."""
     at = lambda w, b: jnp.einsum("pn,n...->p...", e, w) + b
     between = lambda lin, t: at(lin.lw, lin.lb) + t * (at(lin.uw, lin.ub) - at(lin.lw, lin.lb))
     x, y = ops
     xv = between(x.linear, tx)
     yv = xv if same else between(y.linear, ty)
     z = jax.vmap(fn)(xv, yv)
-    (gx, gy), lbias, ubias = bilinear.PRODUCT.backward(eqn, ops, lA, uA)
+    (gx, gy), lbias, ubias = bilinear.PRODUCT.backward(eqn, ops, lA, uA, alpha=alpha)
     fwd = bilinear.PRODUCT.forward(eqn, ops)
     dot = lambda A, v: jnp.einsum("r...,p...->pr", A, v)
     excess = [dot(gx[0], xv) + dot(gy[0], yv) + lbias - dot(lA, z),
@@ -208,15 +213,13 @@ def _violation(eqn, fn, same, ops, lA, uA, e, tx, ty):
     return jnp.max(jnp.stack([jnp.max(t) for t in excess])) / (1 + jnp.max(jnp.abs(z)))
 
 
-@pytest.mark.parametrize("name", list(SPECS))
-def test_rule_backward_and_forward_are_sound(name):
-    """The rule alone: random operand linear bounds (lower != upper) over an input
-    box e in [-1, 1]^n, their intervals, random signed A; every (e, x, y) with x and y
-    anywhere between their linear bounds must satisfy the rule's bounds, and for
-    ``mul`` with equal shapes, also with one variable twice (``x * x``)."""
+def _random_products(name, rng, rows=4, pts=4096):
+    """Random operand linear bounds (lower != upper) over an input box ``e`` in [-1, 1]^3,
+    their intervals, random signed ``A`` and sample points for :func:`_violation`: one
+    case per variant (and, for ``mul`` with equal shapes, one variable twice, ``x * x``).
+    Yields ``(eqn, fn, same, (ops, lA, uA, e, tx, ty))``."""
     fn, xs, ys = SPECS[name]
-    rng = np.random.default_rng(3)
-    n, rows, pts = 3, 4, 4096
+    n = 3
     f32 = lambda t: jnp.asarray(t, jnp.float32)
 
     def linear(shape):
@@ -237,11 +240,52 @@ def test_rule_backward_and_forward_are_sound(name):
         variants.append((lambda a: a * a, [x, x], [True]))
     for f, ops, mask in variants:
         eqn = trace(f, [o.interval.lower for o in ops[:len(mask)]], mask)[0].eqns[-1]
-        f = fn  # y = x for x * x
         out_shape = eqn.out_avals[0].shape
         lA, uA = (f32(rng.normal(size=(rows, *out_shape))) for _ in range(2))
-        worst = jax.jit(lambda *a: _violation(eqn, f, len(mask) == 1, *a))(ops, lA, uA, e, tx, ty)
-        assert float(worst) <= 1e-5, (name, len(mask), float(worst))
+        yield eqn, fn, len(mask) == 1, (ops, lA, uA, e, tx, ty)  # fn(x, x) for x * x
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_rule_backward_and_forward_are_sound(name):
+    """The rule alone: every (e, x, y) with x and y anywhere between their random linear
+    bounds must satisfy the rule's bounds (``_random_products``)."""
+    for eqn, fn, same, args in _random_products(name, np.random.default_rng(3)):
+        worst = jax.jit(lambda *a: _violation(eqn, fn, same, *a))(*args)
+        assert float(worst) <= 1e-5, (name, same, float(worst))
+
+
+@pytest.mark.parametrize("name", ["mul", "matmul", "conv"])
+def test_interpolated_planes_are_sound_for_any_weights(name):
+    """alpha-CROWN's plane weights: random per (pass, row, side, output element), a third
+    of them outside [0, 1] (the rule must clip them) and a third at exactly 0 or 1, at
+    the sampled points above, for ``x * y``, ``x * x`` (tangent below, chord above), a
+    matmul and a conv (one weight per output element, shared by its products). Rows are
+    signed one-hot, so each output element's planes are checked alone, on both sides.
+    All ones (the start of alpha-CROWN) gives CROWN's bounds."""
+    rng = np.random.default_rng(5)
+    for eqn, fn, same, (ops, _, _, *points) in _random_products(name, rng, pts=2048):
+        out_shape = eqn.out_avals[0].shape
+        size = int(np.prod(out_shape))
+        signs = rng.choice([-1.0, 1.0], (2, size, 1))
+        lA, uA = (jnp.asarray(np.eye(size) * s, jnp.float32).reshape(size, *out_shape) for s in signs)
+        shape = (2, size, 2, *out_shape)
+        pick = rng.integers(0, 3, size=shape)
+        weights = np.where(pick == 0, rng.uniform(-2, 3, shape), np.where(pick == 1, rng.integers(0, 2, shape), rng.uniform(0, 1, shape)))
+        check = jax.jit(lambda w, *a: _violation(eqn, fn, same, *a, alpha=w))
+        worst = check(jnp.asarray(weights, jnp.float32), ops, lA, uA, *points)
+        assert float(worst) <= 1e-5, (name, same, float(worst))
+        crown = bilinear.PRODUCT.backward(eqn, ops, lA, uA)
+        start = bilinear.PRODUCT.backward(eqn, ops, lA, uA, alpha=jnp.ones(shape, jnp.float32))
+        for got, want in zip(jax.tree.leaves(start), jax.tree.leaves(crown)):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        if same:  # the lower plane of x * x is the tangent at t = w xl + (1 - w) xu, as tight as it may be
+            (gx, gy), lbias, _ = bilinear.PRODUCT.backward(eqn, ops, lA, uA, alpha=jnp.asarray(weights, jnp.float32))
+            xl, xu = (np.asarray(b).reshape(-1) for b in ops[0].interval)
+            w = np.clip(weights[0, :, 0].reshape(size, size).diagonal(), 0, 1)
+            t, below = w * xl + (1 - w) * xu, signs[0, :, 0] > 0
+            slope = np.asarray(gx[0] + gy[0]).reshape(size, size).diagonal()
+            np.testing.assert_allclose(slope[below], 2 * t[below], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(lbias)[below], -t[below] ** 2, rtol=1e-5, atol=1e-5)
 
 
 def _mccormick_by_hand(D, fx, fy, x, eps):
