@@ -11,6 +11,7 @@ import jaxlirpa
 from jaxlirpa import cli
 from jaxlirpa.bab import robustness_property, verify
 from jaxlirpa.bab.bounding import Bounder, cached
+from jaxlirpa.bab.input_split import _halve
 from jaxlirpa.bab.problem import Problem
 from jaxlirpa.bab.relu_split import _children, _root, splittable_vars
 
@@ -79,6 +80,31 @@ def test_beta_crown_is_sound_under_random_splits(iterations, activation):
             checked += 1
             assert margins[inside].min() >= float(bound[k]) - 1e-4, k
     assert checked >= n // 2
+
+
+def test_sub_boxes_bounded_from_their_parent_are_sound():
+    """Children bounded from their parent's intermediate bounds (CROWN redone for only
+    ``rows`` unstable neurons per layer) still contain every sampled margin; each box's
+    candidate counterexample lies in it and carries the network's margin there."""
+    prop = robustness_property(np.zeros(2, np.float32), 2, 1.0, 3, lower=None, upper=None)  # class 2: most of the box
+    problem = Problem.from_disjuncts(mlp, (2,), prop.lower, prop.upper, prop.disjuncts)
+    bounder = Bounder(problem)
+    lo = RNG.uniform(-1, 0.8, size=(16, 2)).astype(np.float32)
+    hi = lo + 0.2
+    reference = bounder.box_bounds(lo, hi)[4]
+    child_lo, child_hi = _halve(lo, hi, RNG.integers(0, 2, size=16))
+    child_ref = jax.tree_util.tree_map(lambda a: np.concatenate([a, a]), reference)
+    x = child_lo[:, None] + RNG.uniform(size=(32, 500, 2)).astype(np.float32) * (child_hi - child_lo)[:, None]
+    y = np.asarray(mlp(jnp.asarray(x.reshape(-1, 2)))).reshape(32, 500, 3)
+    margin_of = lambda y: np.min(np.max(np.einsum("kro,...o->...kr", problem.C, y) - problem.d, axis=-1), axis=-1)
+    lowest = margin_of(y).min(axis=1)
+    for rows in (3, 12):
+        bound, _, point, margin, _, _ = bounder.box_bounds(child_lo, child_hi, child_ref, rows=rows)
+        assert np.all(np.asarray(bound) <= lowest + 1e-4), rows
+        point = np.asarray(point)
+        assert np.all((child_lo <= point) & (point <= child_hi))
+        np.testing.assert_allclose(margin, margin_of(np.asarray(mlp(jnp.asarray(point)))), rtol=1e-5, atol=1e-5)
+    assert np.any(np.asarray(bound) > 0)  # not vacuous: some children are proved
 
 
 def test_shared_test_networks_get_the_right_verdicts():

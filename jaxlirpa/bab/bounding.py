@@ -16,8 +16,10 @@ from jaxlirpa.attacks import pgd
 from jaxlirpa.bab.problem import Problem, margin_of_rows
 from jaxlirpa.graph import Graph
 from jaxlirpa.methods.context import Context
-from jaxlirpa.methods.beta_crown import optimised_lower
-from jaxlirpa.methods.crown import crown_intervals
+from jaxlirpa.methods.beta_crown import optimised_lower, splittable
+from jaxlirpa.methods.crown import backward, crown_intervals, interval_of, meet, needed_intervals
+from jaxlirpa.methods.ibp import ibp_intervals
+from jaxlirpa.rules.base import Interval
 from jaxlirpa.sets import Region
 
 _COMPILED: dict[tuple, Callable] = {}
@@ -54,24 +56,75 @@ def _attack(graph: Graph):
     return attack
 
 
+def _instability(ctx: Context, eqn, v, interval: Interval) -> jax.Array:
+    """How far each element of ``v`` (the input of the splittable ``eqn``) reaches past
+    the kink on its nearer side, flat: positive exactly where it is unstable."""
+    kink = ctx.rule(eqn).breakpoint(eqn, ctx.operands(eqn, {v: interval}))
+    kink = jnp.broadcast_to(kink, interval.lower.shape).reshape(-1)
+    return jnp.minimum(kink - interval.lower.reshape(-1), interval.upper.reshape(-1) - kink)
+
+
+def most_unstable(ctx: Context, bounds) -> jax.Array:
+    """The largest number of unstable neurons in any splittable layer."""
+    counts = [jnp.sum(_instability(ctx, e, v, bounds[v]) > 0) for v, e in splittable(ctx).items()]
+    return jnp.max(jnp.stack(counts)) if counts else jnp.zeros((), jnp.int32)
+
+
+def sub_box_intervals(ctx: Context, reference: dict, rows: int | None) -> dict:
+    """Intermediate bounds of a sub-box, starting from those of a box containing it
+    (``reference``: sound here too) met with the sub-box's IBP bounds (exact at the
+    first linear layer): CROWN recomputes only the ``rows`` most unstable neurons of
+    each splittable layer (only those change a ReLU's relaxation; the rest keep the
+    reference; None: all) and every element of other layers. O(rows) instead of O(width) backward
+    rows per layer; where the reference has at most ``rows`` unstable neurons per
+    layer, as tight as CROWN met with every ancestor's bounds."""
+    consumer, own = splittable(ctx), ibp_intervals(ctx)
+
+    def compute(v, bounds):
+        ref = meet(own[v], reference[v])
+        size = ref.lower.size
+        if v not in consumer or rows is None or size <= rows:
+            return meet(interval_of(ctx, v, bounds), ref)
+        reach = _instability(ctx, consumer[v], v, ref)
+        _, picked = jax.lax.top_k(jnp.where(reach > 0, reach, -jnp.inf), rows)
+        A = jax.nn.one_hot(picked, size, dtype=ref.lower.dtype).reshape(rows, *ref.lower.shape)
+        new_lo, new_hi = backward(ctx, v, A, A, bounds)
+        lo, hi = ref.lower.reshape(-1), ref.upper.reshape(-1)
+        return Interval(lo.at[picked].max(new_lo).reshape(ref.lower.shape),
+                        hi.at[picked].min(new_hi).reshape(ref.lower.shape))
+
+    return needed_intervals(ctx, ctx.input_intervals(), compute)
+
+
 def _box_bounds(graph: Graph):
     margins = margins_fn(graph)
     out = graph.outputs[0]
 
-    def one_box(consts, A, d, lo, hi, iterations):
+    def one_box(consts, A, d, lo, hi, reference, iterations, rows):
         ctx = box_context(graph, consts, lo, hi)
-        rows, _, input_A, _ = optimised_lower(ctx, out, A, crown_intervals(ctx), iterations=iterations)
+        bounds = crown_intervals(ctx) if reference is None else sub_box_intervals(ctx, reference, rows)
+        kept = {v: b for v, b in bounds.items() if v not in ctx.regions}
+        bound_rows, _, input_A, _ = optimised_lower(ctx, out, A, bounds, iterations=iterations)
         # The decisive row's input coefficients times the widths: how much halving each
-        # input could move the bound (alpha-beta-CROWN's "smart" input branching).
-        per_row = rows.reshape(d.shape) - d
+        # input could move the bound (alpha-beta-CROWN's "smart" input branching); the
+        # box corner minimising that row's linear bound is a likely counterexample.
+        per_row = bound_rows.reshape(d.shape) - d
         worst = jnp.argmin(jnp.max(per_row, axis=1))
         decisive = input_A.reshape(*d.shape, -1)[worst, jnp.argmax(per_row[worst])]
-        return margin_of_rows(rows[None], d)[0], jnp.abs(decisive) * (hi - lo).reshape(-1)
+        corner = jnp.where(decisive.reshape(lo.shape) > 0, lo, hi)
+        return (margin_of_rows(bound_rows[None], d)[0], jnp.abs(decisive) * (hi - lo).reshape(-1), corner,
+                kept, most_unstable(ctx, bounds))
 
-    def box_bounds(consts, A, C, d, lo, hi, iterations: int):
-        bound, score = jax.vmap(lambda l, h: one_box(consts, A, d, l, h, iterations))(lo, hi)
-        return bound, score, margins(consts, C, d, (lo + hi) / 2)
+    def box_bounds(consts, A, C, d, lo, hi, reference, iterations: int, rows: int | None):
+        bound, score, corner, kept, unstable = jax.vmap(
+            lambda l, h, r: one_box(consts, A, d, l, h, r, iterations, rows))(lo, hi, reference)
+        centre = (lo + hi) / 2
+        at_corner, at_centre = margins(consts, C, d, corner), margins(consts, C, d, centre)
+        corner_lower = at_corner < at_centre
+        point = jnp.where(corner_lower.reshape(-1, *[1] * (lo.ndim - 1)), corner, centre)
+        return bound, score, point, jnp.where(corner_lower, at_corner, at_centre), kept, unstable
     return box_bounds
+
 
 class Bounder:
     """A :class:`Problem`'s compiled calls, with its constants and spec bound in."""
@@ -82,14 +135,19 @@ class Bounder:
         out_shape = graph.avals[graph.outputs[0]].shape
         self.args = (problem.consts, jnp.asarray(problem.C.reshape(-1, *out_shape)),
                      jnp.asarray(problem.C), jnp.asarray(problem.d))
-        self._bounds = cached(graph, _box_bounds, static_argnames=("iterations",))
+        self._bounds = cached(graph, _box_bounds, static_argnames=("iterations", "rows"))
         self._attack = cached(graph, _attack, static_argnames=("restarts",))
 
-    def box_bounds(self, lo, hi, iterations: int = 0):
+    def box_bounds(self, lo, hi, reference=None, iterations: int = 0, rows: int | None = 16):
         """For a batch of boxes: CROWN lower bounds of the margin (the output's slopes
         tuned by ``iterations`` steps), a split score per input (coefficient times
-        width) and the margin at each box's centre."""
-        return self._bounds(*self.args, lo, hi, iterations=iterations)
+        width), a candidate counterexample per box (its centre or the corner that
+        minimises the decisive linear bound, whichever has the lower margin) and that
+        margin, the intermediate bounds used (``{variable: Interval}``, batched) and
+        the most unstable neurons in any layer under them. With ``reference`` (such
+        bounds of boxes containing these), only the ``rows`` most unstable neurons per
+        layer are bounded anew (:func:`sub_box_intervals`)."""
+        return self._bounds(*self.args, lo, hi, reference, iterations=iterations, rows=rows)
 
     def attack(self, lo, hi, key, restarts: int = 5):
         """PGD on the margin in each box: the best points found and their margins."""

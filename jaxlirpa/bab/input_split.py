@@ -3,25 +3,36 @@
 Domains are sub-boxes, held on the host as ``(domains, *input_shape)`` arrays. Each step
 takes the most recent open boxes (depth first, so memory stays small), splits them and
 bounds the children in one compiled call (padded to one of a few batch sizes, each one
-compilation); every child's centre is checked as a counterexample. Two ways to choose
-the input to halve:
+compilation). A box keeps the intermediate bounds it was bounded with: they hold in its
+children too, so a child starts from them and recomputes CROWN bounds of only a few
+unstable neurons per layer (:func:`~jaxlirpa.bab.bounding.sub_box_intervals`), several
+times cheaper than full CROWN and, met with every ancestor's, often tighter. Every
+child's centre and the corner minimising its decisive linear bound are checked as
+counterexamples. Two ways to choose the input to halve:
 - ``"lookahead"``: halve each box along *every* input, bound all ``2n`` children and keep
   the split whose children bound best (the sum of their gaps below zero; ties to the
   relatively widest input). ``n`` times more bounds per step, far smaller trees mostly.
 - ``"coefficient"``: the input whose coefficient in the decisive bound, times its width,
   is largest (alpha-beta-CROWN's "smart" branching): one bound per child.
-On ACAS Xu each solves instances where the other stalls, so :func:`input_split` runs
-them as a portfolio: look-ahead for the first part of the time, then the other.
+On ACAS Xu each has solved instances where the other stalls, so :func:`input_split`
+runs a portfolio (:data:`PORTFOLIO`): coefficient branching first (with the cheap
+sub-box bounds, 3-4 times faster than look-ahead on the hardest instances), then
+look-ahead.
 """
 from __future__ import annotations
 
 import time
 
+import jax
 import numpy as np
 
 from jaxlirpa.bab.bounding import Bounder
 from jaxlirpa.bab.problem import Problem
 from jaxlirpa.bab.report import Outcome, Progress
+
+
+OPEN_BYTES = 2 << 30
+"""Host memory the open boxes may take (with their intermediate bounds); more is ``"unknown"``."""
 
 
 def padded_size(n: int, largest: int) -> int:
@@ -62,23 +73,57 @@ def _children(lo, hi):
     return child_lo, child_hi
 
 
-def _choose_lookahead(bounder, problem, parent_lo, parent_hi, iterations, size_limit):
-    """Bound all halvings; return (children lo, hi, bounds, centre margins) of the best one per box."""
+def _tree(fn, *trees):
+    """``fn`` on every array of the trees (a box's corners, scores and intermediate bounds)."""
+    return jax.tree_util.tree_map(fn, *trees)
+
+
+def _bound(bounder, lo, hi, reference, iterations, size_limit, rows):
+    """``bounder.box_bounds`` of the boxes, padded to a compiled batch size, as host arrays."""
+    size = padded_size(len(lo), size_limit)
+    reference = _tree(lambda a: pad(np.asarray(a), size), reference)
+    out = bounder.box_bounds(pad(lo, size), pad(hi, size), reference, iterations, rows)
+    return _tree(lambda a: np.asarray(a)[:len(lo)], out)
+
+
+def _bound_children(bounder, lo, hi, parent_ref, parent_unstable, iterations, size_limit, rows, refresh):
+    """Bound sub-boxes from their parent's intermediate bounds, recomputing ``rows``
+    neurons per layer (as tight as recomputing all where the parent had at most that
+    many unstable ones, and cheaper). With ``refresh``, sub-boxes of parents with more
+    get plain CROWN instead (large boxes, and points where many neurons meet their kink,
+    where a stale bound might never tighten)."""
+    crowded = (parent_unstable > rows) if refresh else np.zeros(len(lo), bool)
+    parts = []
+    for part, reuse in ((crowded, False), (~crowded, True)):
+        if part.any():
+            ref = _tree(lambda a: a[part], parent_ref) if reuse else None
+            parts.append((part, _bound(bounder, lo[part], hi[part], ref, iterations, size_limit, rows)))
+    out = _tree(lambda a: np.empty((len(lo), *a.shape[1:]), a.dtype), parts[0][1])
+    for part, result in parts:
+        _tree(lambda whole, piece: whole.__setitem__(part, piece), out, result)
+    return out
+
+
+def _choose_lookahead(bounder, problem, parents, iterations, size_limit, rows, refresh):
+    """Bound all halvings; return (children lo, hi, bounds, points, point margins,
+    intermediate bounds, unstable counts) of the best one per box."""
+    parent_lo, parent_hi, _, parent_ref, parent_unstable = parents
     shape, n, take = problem.lower.shape, problem.lower.size, len(parent_lo)
     child_lo, child_hi = _children(parent_lo, parent_hi)
     flat_lo, flat_hi = child_lo.reshape(-1, *shape), child_hi.reshape(-1, *shape)
-    size = padded_size(len(flat_lo), size_limit)
-    bound, _, centre = (np.asarray(a)[:len(flat_lo)] for a in
-                        bounder.box_bounds(pad(flat_lo, size), pad(flat_hi, size), iterations))
-    bound, centre = bound.reshape(take, n, 2), centre.reshape(take, n, 2)
+    ref, unstable = _tree(lambda a: np.repeat(a, 2 * n, axis=0), (parent_ref, parent_unstable))
+    bound, _, point, margin, kept_ref, unstable = _bound_children(bounder, flat_lo, flat_hi, ref, unstable,
+                                                                  iterations, size_limit, rows, refresh)
+    bound = bound.reshape(take, n, 2)
     width = (parent_hi - parent_lo).reshape(take, n)
     full_width = np.maximum((problem.upper - problem.lower).reshape(1, n), 1e-12)
     gap = np.minimum(bound, 0).sum(axis=2)
     worth = np.where(_splittable(parent_hi, width), gap + 1e-3 * (width / full_width) * np.abs(gap).mean(), -np.inf)
-    rows, dims = np.arange(take), worth.argmax(axis=1)
+    boxes, dims = np.arange(take), worth.argmax(axis=1)
     ok = np.isfinite(worth.max(axis=1))
-    return (child_lo[rows, dims].reshape(-1, *shape), child_hi[rows, dims].reshape(-1, *shape),
-            bound[rows, dims].reshape(-1), centre[rows, dims].reshape(-1), ok, len(flat_lo))
+    chosen = lambda a: a.reshape(take, n, 2, *a.shape[1:])[boxes, dims].reshape(-1, *a.shape[1:])
+    return (chosen(flat_lo), chosen(flat_hi), chosen(bound.reshape(-1)), chosen(point), chosen(margin),
+            _tree(chosen, kept_ref), chosen(unstable), ok, len(flat_lo))
 
 
 def _splittable(parent_hi, width):
@@ -86,54 +131,69 @@ def _splittable(parent_hi, width):
     return width > 4 * np.finfo(np.float32).eps * (1 + np.abs(parent_hi).reshape(width.shape))
 
 
+PORTFOLIO = (("coefficient", False), ("coefficient", True), ("lookahead", False), ("lookahead", True))
+"""The searches :func:`input_split` runs in turn, each from the start for an equal share
+of the time left: (branching, whether children of boxes with more than ``rows``
+unstable neurons in a layer get plain CROWN instead of their parent's bounds). On ACAS
+Xu the depth-first search is erratic: each of these solves hard instances in seconds
+where another stalls."""
+
+
 def input_split(problem: Problem, bounder: Bounder, deadline: float, *, batch: int = 1024,
-                max_domains: int = 500_000, iterations: int = 0, lookahead_share: float = 0.5,
+                max_domains: int = 500_000, iterations: int = 0, rows: int = 16,
                 progress: Progress | None = None) -> Outcome:
     """Prove the property on ``problem``'s box or find a counterexample before ``deadline``
-    (a ``time.monotonic()`` value): look-ahead branching for ``lookahead_share`` of the
-    time, then coefficient branching from the start for the rest. ``iterations`` tunes
-    each box's output slopes (alpha) by that many steps. Returns an :class:`Outcome`."""
-    start = time.monotonic()
-    switch = start + lookahead_share * (deadline - start)
-    outcome = _search(problem, bounder, switch, "lookahead", batch, max_domains, iterations, progress)
-    if outcome.status != "timeout" or time.monotonic() >= deadline:
-        return outcome
-    second = _search(problem, bounder, deadline, "coefficient", batch, max_domains, iterations, progress)
-    second.domains += outcome.domains
-    return second
+    (a ``time.monotonic()`` value), by the searches of :data:`PORTFOLIO` in turn.
+    ``iterations`` tunes each box's output slopes (alpha) by that many steps; ``rows``
+    is how many neurons per layer a sub-box's bounds recompute (:func:`_bound_children`).
+    Returns an :class:`Outcome`."""
+    domains = 0
+    for k, (strategy, refresh) in enumerate(PORTFOLIO):
+        now = time.monotonic()
+        share = now + (deadline - now) / (len(PORTFOLIO) - k)
+        outcome = _search(problem, bounder, share, strategy, refresh, batch, max_domains, iterations, rows, progress)
+        domains = outcome.domains = domains + outcome.domains
+        if outcome.status != "timeout" or time.monotonic() >= deadline:
+            return outcome
+    return outcome
 
 
-def _search(problem, bounder, deadline, strategy, batch, max_domains, iterations, progress) -> Outcome:
+def _search(problem, bounder, deadline, strategy, refresh, batch, max_domains, iterations, rows, progress) -> Outcome:
     n = problem.lower.size
     lo, hi = problem.lower[None], problem.upper[None]
-    bound, score, _ = (np.asarray(a) for a in bounder.box_bounds(lo, hi, iterations))
+    bound, score, _, _, ref, unstable = _bound(bounder, lo, hi, None, iterations, batch, rows)
     best = float(bound[0])
     if best > 0:
         return Outcome("unsat", domains=1, best_bound=best)
     visited = 1
+    # The stack of open boxes, each with what its children start from.
+    open_boxes = (lo, hi, score, ref, unstable)
+    per_box = sum(a[0].nbytes for a in jax.tree_util.tree_leaves(open_boxes))
+    max_domains = min(max_domains, OPEN_BYTES // per_box)
     per_step = max(1, batch // (2 * n)) if strategy == "lookahead" else max(1, batch // 2)
-    while len(lo):
+    while len(open_boxes[0]):
         if time.monotonic() > deadline:
             return Outcome("timeout", domains=visited, best_bound=best)
-        take = min(per_step, len(lo))
-        parent_lo, parent_hi, parent_score = lo[-take:], hi[-take:], score[-take:]
-        lo, hi, score = lo[:-take], hi[:-take], score[:-take]
+        take = min(per_step, len(open_boxes[0]))
+        parents = _tree(lambda a: a[-take:], open_boxes)
+        open_boxes = _tree(lambda a: a[:-take], open_boxes)
         if strategy == "lookahead":
-            kept_lo, kept_hi, kept, centre, ok, bounded = _choose_lookahead(
-                bounder, problem, parent_lo, parent_hi, iterations, 2 * n * per_step)
+            kept_lo, kept_hi, kept, point, margin, kept_ref, kept_unstable, ok, bounded = _choose_lookahead(
+                bounder, problem, parents, iterations, batch, rows, refresh)
             kept_score = np.zeros((len(kept), n))
         else:
+            parent_lo, parent_hi, parent_score, parent_ref, parent_unstable = parents
             width = (parent_hi - parent_lo).reshape(take, n)
             choice = np.where(_splittable(parent_hi, width), parent_score + 1e-12 * width, -np.inf)
             ok = np.isfinite(choice.max(axis=1))
             kept_lo, kept_hi = _halve(parent_lo, parent_hi, choice.argmax(axis=1))
-            size = padded_size(len(kept_lo), batch)
-            kept, kept_score, centre = (np.asarray(a)[:len(kept_lo)] for a in
-                                        bounder.box_bounds(pad(kept_lo, size), pad(kept_hi, size), iterations))
+            ref, unstable = _tree(lambda a: np.concatenate([a, a]), (parent_ref, parent_unstable))
+            kept, kept_score, point, margin, kept_ref, kept_unstable = _bound_children(
+                bounder, kept_lo, kept_hi, ref, unstable, iterations, batch, rows, refresh)
             bounded = len(kept_lo)
         visited += bounded
-        for k in np.flatnonzero(centre <= 0):
-            cex = problem.counterexample((kept_lo[k] + kept_hi[k]) / 2)
+        for k in np.flatnonzero(margin <= 0):
+            cex = problem.counterexample(point[k])
             if cex is not None:
                 return Outcome("sat", counterexample=cex, domains=visited, best_bound=best)
         if not ok.all():
@@ -141,10 +201,10 @@ def _search(problem, bounder, deadline, strategy, batch, max_domains, iterations
         still_open = kept <= 0
         if still_open.any():
             best = float(kept[still_open].min())
-        lo, hi = np.concatenate([lo, kept_lo[still_open]]), np.concatenate([hi, kept_hi[still_open]])
-        score = np.concatenate([score, kept_score[still_open]])
-        if len(lo) > max_domains:
+        kept_boxes = _tree(lambda a: a[still_open], (kept_lo, kept_hi, kept_score, kept_ref, kept_unstable))
+        open_boxes = _tree(lambda a, b: np.concatenate([a, b]), open_boxes, kept_boxes)
+        if len(open_boxes[0]) > max_domains:
             return Outcome("unknown", domains=visited, best_bound=best)
         if progress is not None:
-            progress.update(len(lo), best, visited)
+            progress.update(len(open_boxes[0]), best, visited)
     return Outcome("unsat", domains=visited, best_bound=best)
