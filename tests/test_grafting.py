@@ -325,7 +325,7 @@ def test_graft_then_finetune(conv):
     (grafting.CNNA(), (1, 28, 28, 1), 4804, 1568),
     (grafting.ConvBig(), (1, 28, 28, 1), 48064, 3136),
     (grafting.ConvBig(), (1, 32, 32, 3), 62464, 4096),
-    (grafting.ConvHuge(), (1, 32, 32, 3), 123904, 8192),
+    (grafting.ConvHuge(), (1, 32, 32, 3), 731520, 230400),
     (grafting.CNNB(), (1, 32, 32, 3), 16634, 8192),
     (grafting.ResNet4B(), (1, 32, 32, 3), 14436, 512),
 ])

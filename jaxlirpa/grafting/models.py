@@ -76,12 +76,13 @@ class ConvBig(ConvStack):
 
 
 class ConvHuge(ConvStack):
-    """ConvHuge: ConvBig with doubled channels: Conv(64, 3x3, s1, p1) - Conv(64, 4x4, s2, p1) -
-    Conv(128, 3x3, s1, p1) - Conv(128, 4x4, s2, p1) - Dense(512) - Dense(512) - Dense(10).
-    The paper's code has no definition to check this against: the shapes are the issue's.
+    """ConvHuge (DiffAI's ``convHuge``, the origin of ConvBig too): Conv(128, 3x3, s1, p1) -
+    Conv(128, 4x4, s1, p1) - Conv(256, 3x3, s1, p1) - Conv(256, 4x4, s1, p1) - Dense(512) -
+    Dense(512) - Dense(10); no stride, so the maps stay large. CIFAR: 32x32x128, 31x31x128,
+    31x31x256, 30x30x256 (Dense fan-in 230400, 731520 ReLUs); MNIST: 28, 27, 27, 26 wide.
     Example: ``ConvHuge().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))``."""
 
-    convs: Sequence[tuple[int, int, int, int]] = ((64, 3, 1, 1), (64, 4, 2, 1), (128, 3, 1, 1), (128, 4, 2, 1))
+    convs: Sequence[tuple[int, int, int, int]] = ((128, 3, 1, 1), (128, 4, 1, 1), (256, 3, 1, 1), (256, 4, 1, 1))
     dense: Sequence[int] = (512, 512, 10)
 
 
