@@ -107,6 +107,6 @@ def test_never_looser_than_decomposed(dense_norm_bounds, name):
     f, d = width(fused["crown"]), width(apart["crown"])
     assert np.all(f.mean(1) < d.mean(1)), (f.mean(1), d.mean(1))
     assert np.mean(f > d + 1e-4) <= 0.1 and np.max(f - d) < 0.1 * np.max(d), np.max(f - d)
-    one = lambda x: fn(x)[name]
-    for m in ("ibp", "crown"):
-        assert_sound(one, x, eps, method=m, bounds=fused[m], n_samples=64, attack_steps=10)
+    # CROWN's bounds are the tighter, so the stronger check; IBP's interval is checked on
+    # random boxes above and by the soundness suite's composite case.
+    assert_sound(lambda x: fn(x)[name], x, eps, method="crown", bounds=fused["crown"], n_samples=64, attack_steps=10)
