@@ -298,13 +298,13 @@ ALL_CASES = [LINEAR, STRUCTURAL, CONV, MLP, MAX_MIN, LEAKY_ABS, MAX_POOL, SMOOTH
              TWO_PERTURBED_CONTROL, COMPOSITE]
 assert {c.name for cs in CASES.values() for c in cs} == {c.name for c in ALL_CASES}
 L2_CASES = [MLP]
-SET_CASES = [LINEAR, STRUCTURAL, CONV, MLP, MAX_MIN, LEAKY_ABS, MAX_POOL]
-# Cases also run with every method inside a user's jit. ``bound`` compiles its own program
-# either way, so a rule's arithmetic is the same; what jit adds is tracing ``bound`` itself
-# with abstract inputs, which does not depend on the primitive. Compiling is most of this
-# module's time, so the later rule families run inside jit with CROWN only (JIT_CROWN_ONLY).
-JIT_CROWN_ONLY = [SMOOTH, CONVEX, RECURRENT, TWO_PERTURBED_CONTROL, COMPOSITE]
-
+# The core cases also run with every method inside a user's jit, and with the clipped ball and
+# the box. ``bound`` compiles its own program either way, so a rule's arithmetic is the same;
+# what jit adds is tracing ``bound`` itself with abstract inputs, and a set enters only where the
+# input is concretised: neither depends on the primitive. Compiling is most of this module's
+# time, so the later rule families (smooth, convex, recurrent, two perturbed operands and
+# control flow, composite patterns) run on the L-inf ball, and inside jit with IBP only.
+CORE_CASES = [LINEAR, STRUCTURAL, CONV, MLP, MAX_MIN, LEAKY_ABS, MAX_POOL]
 SETS = {
     "linf": lambda x: jaxlirpa.LinfBall(EPS),
     "linf01": lambda x: jaxlirpa.LinfBall(EPS, lower=0.0, upper=1.0),  # clipped: x is uniform in [0, 1]
@@ -327,11 +327,11 @@ def _grid():
     """(case, method, set) without jit, grouped by case and method so that the L-inf-shaped
     sets (clipped ball, box) reuse the programs just compiled for the L-inf ball. A set only
     enters where the input is concretised, not in any rule, so the clipped ball and the box
-    run on the core cases (SET_CASES) only."""
+    run on the core cases (CORE_CASES) only."""
     out = []
     for c in ALL_CASES:
         for m in METHODS:
-            sets = ["linf", "linf01", "box"] if c in SET_CASES else ["linf"]
+            sets = ["linf", "linf01", "box"] if c in CORE_CASES else ["linf"]
             if c in L2_CASES:
                 sets.append("l2")
             if c is MLP and m == "crown":
@@ -413,7 +413,7 @@ def test_sound(case, method, set_name, inputs):
 
 
 @pytest.mark.parametrize("case,method,set_name", [
-    _param(c, m, "linf", jit=True) for c in ALL_CASES for m in (["crown"] if c in JIT_CROWN_ONLY else METHODS)])
+    _param(c, m, "linf", jit=True) for c in ALL_CASES for m in (METHODS if c in CORE_CASES else ["ibp"])])
 def test_sound_jit(case, method, set_name, inputs):
     """As in a training step: the bound traced inside jit, around a jitted model."""
     x = inputs[case.shape]

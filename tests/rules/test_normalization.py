@@ -40,6 +40,7 @@ FORMS = {
     "rms": lambda x: x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6),
 }
 EPS = (0.03, 0.1, 0.3)
+COMPARED = ("flax", "rms")  # the hand-written form fuses to the same primitive (test_forms_fused)
 
 
 @pytest.mark.parametrize("name", list(FORMS))
@@ -83,7 +84,7 @@ def dense_norm_bounds():
     W = jax.random.normal(jax.random.key(0), (6, 8)) * 0.8
     x = jnp.tile(jax.random.normal(jax.random.key(3), (2, 6)), (len(EPS), 1))
     eps = jnp.repeat(jnp.asarray(EPS), 2)[:, None]
-    fn = lambda x: {name: form(x @ W) for name, form in FORMS.items()}
+    fn = lambda x: {name: FORMS[name](x @ W) for name in COMPARED}
     real, found = patterns.fuse_composites, {}
     try:
         for fuse in (True, False):
@@ -95,7 +96,7 @@ def dense_norm_bounds():
     return found, fn, x, eps
 
 
-@pytest.mark.parametrize("name", list(FORMS))
+@pytest.mark.parametrize("name", COMPARED)
 def test_never_looser_than_decomposed(dense_norm_bounds, name):
     found, fn, x, eps = dense_norm_bounds
     pick = lambda b: jaxlirpa.Bounds(b.lower[name], b.upper[name])
