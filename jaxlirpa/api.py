@@ -166,7 +166,9 @@ def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None,
     """Sound bounds on ``fn(x')`` (or ``spec @ fn(x')``) for all ``x'`` in the set around ``x``.
 
     **Arguments:**
-    - ``fn``: any JAX-traceable function of a batch (closures over flax params welcome).
+    - ``fn``: any JAX-traceable function of a batch (closures over flax params welcome),
+      returning an array or a pytree of arrays (bounded together, sharing intermediate
+      bounds; the bounds are then that pytree, and ``spec`` does not apply).
     - ``x``: the centre, batch axis first; each example is bounded on its own. Or any
       pytree (model parameters, ``(params, inputs)``, ...): then all its perturbed leaves
       move jointly, there is no batch axis, and the bounds are shaped like ``fn(x)``.
