@@ -10,7 +10,7 @@ import pytest
 import jaxlirpa
 from jaxlirpa import cli
 from jaxlirpa.bab import robustness_property, verify
-from jaxlirpa.bab.bounding import Bounder, cached
+from jaxlirpa.bab.bounding import Bounder, cached, combined_rows
 from jaxlirpa.bab.input_split import _halve
 from jaxlirpa.bab.problem import Problem
 from jaxlirpa.bab.relu_split import _children, _root, splittable_vars
@@ -105,6 +105,32 @@ def test_sub_boxes_bounded_from_their_parent_are_sound():
         assert np.all((child_lo <= point) & (point <= child_hi))
         np.testing.assert_allclose(margin, margin_of(np.asarray(mlp(jnp.asarray(point)))), rtol=1e-5, atol=1e-5)
     assert np.any(np.asarray(bound) > 0)  # not vacuous: some children are proved
+
+
+def test_combined_rows_are_sound_and_beat_every_single_row():
+    """A convex combination of a conjunction's rows bounds the box where no single row
+    does (x + 0.1 and 0.1 - x on [-1, 1]: their mean is 0.1), never above the max
+    of the rows at any point of the box, and never below the best row's own bound."""
+    lo, hi = jnp.array([-1.0]), jnp.array([1.0])
+    bound, _ = combined_rows(jnp.array([[1.0], [-1.0]]), jnp.array([-0.9, -0.9]), lo, hi, jnp.array([True, True]))
+    assert abs(float(bound) - 0.1) < 1e-3
+    for trial in range(20):
+        rows, n = RNG.integers(1, 5), RNG.integers(1, 6)
+        a = RNG.normal(size=(rows, n)).astype(np.float32)
+        b = RNG.normal(size=rows).astype(np.float32)
+        lo = RNG.uniform(-1, 0, size=n).astype(np.float32)
+        hi = lo + RNG.uniform(0.1, 1, size=n).astype(np.float32)
+        value = b + np.minimum(a * lo, a * hi).sum(axis=1)
+        valid = RNG.uniform(size=rows) < 0.8
+        valid[RNG.integers(rows)] = True
+        a_in = np.where(valid[:, None], a, np.nan)  # padded rows may hold anything
+        bound, _ = combined_rows(jnp.asarray(a_in), jnp.asarray(np.where(valid, value, -np.inf)),
+                                 jnp.asarray(lo), jnp.asarray(hi), jnp.asarray(valid))
+        x = lo + RNG.uniform(size=(4000, n)).astype(np.float32) * (hi - lo)
+        corners = np.where(RNG.integers(0, 2, size=(64, n)) > 0, lo, hi)
+        best_row = np.max(np.where(valid, np.concatenate([x, corners]) @ a.T + b, -np.inf), axis=1)
+        assert float(bound) >= value[valid].max() - 1e-5, trial
+        assert float(bound) <= best_row.min() + 1e-5, trial
 
 
 def test_shared_test_networks_get_the_right_verdicts():

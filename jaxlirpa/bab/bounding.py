@@ -96,6 +96,54 @@ def sub_box_intervals(ctx: Context, reference: dict, rows: int | None) -> dict:
     return needed_intervals(ctx, ctx.input_intervals(), compute)
 
 
+BOX_ALPHA_LR = 0.3
+"""Adam's learning rate for a box's output slopes: on the open boxes of a hard ACAS Xu
+search, 5 steps at 0.3 prove 67 % where 0.1 proves 26 % (no steps: 4 %)."""
+
+COMBINATION_STEPS = 20
+"""Mirror-ascent steps of :func:`combined_rows` per conjunction."""
+
+
+def combined_rows(a, value, lo, hi, valid, steps: int = COMBINATION_STEPS):
+    """The best lower bound over the box of a convex combination of one conjunction's
+    rows, and that combination's input coefficients.
+
+    Row ``r`` is at least ``a[r] @ x + b[r]`` on the box, and its lower bound ``value[r]``
+    is that line's minimum. A counterexample makes every row ``<= 0``, so if some
+    ``lam >= 0`` (summing to 1) has ``min_box sum_r lam[r] (a[r] @ x + b[r]) > 0``, the
+    box has none (the LP dual of the conjunction): stronger than the best single row
+    (a vertex of the simplex, the start) where different rows hold in different parts
+    of the box. Tuned by mirror ascent; every ``lam`` gives a sound bound.
+    """
+    lo, hi = lo.reshape(-1), hi.reshape(-1)
+    low_end = lambda c: jnp.sum(jnp.minimum(c * lo, c * hi), axis=-1)
+    b = jnp.where(valid, value - low_end(a), 0.0)
+    a = jnp.where(valid[:, None], a, 0.0)
+
+    def at(lam):
+        c = lam @ a
+        x = jnp.where(c > 0, lo, hi)  # the minimising corner: the supergradient is the rows there
+        return lam @ b + low_end(c), a @ x + b
+
+    start = jax.nn.one_hot(jnp.argmax(jnp.where(valid, value, -jnp.inf)), len(value), dtype=a.dtype)
+    best0, _ = at(start)
+
+    def step(carry, k):
+        lam, best, best_lam = carry
+        g, grad = at(lam)
+        better = g > best
+        best, best_lam = jnp.where(better, g, best), jnp.where(better, lam, best_lam)
+        scale = jnp.max(jnp.where(valid, jnp.abs(grad - g), 0.0)) + 1e-12
+        lam = jnp.where(valid, lam * jnp.exp(jnp.where(valid, grad - g, 0.0) / scale / jnp.sqrt(k + 1.0)), 0.0)
+        return (lam / jnp.sum(lam), best, best_lam), None
+
+    uniform = jnp.where(valid, 1.0, 0.0) / jnp.maximum(jnp.sum(valid), 1)
+    lam0 = 0.5 * start + 0.5 * uniform
+    (_, best, lam), _ = jax.lax.scan(step, (lam0, best0, start), jnp.arange(steps, dtype=a.dtype))
+    g, _ = at(lam)
+    return g, lam @ a
+
+
 def _box_bounds(graph: Graph):
     margins = margins_fn(graph)
     out = graph.outputs[0]
@@ -104,15 +152,18 @@ def _box_bounds(graph: Graph):
         ctx = box_context(graph, consts, lo, hi)
         bounds = crown_intervals(ctx) if reference is None else sub_box_intervals(ctx, reference, rows)
         kept = {v: b for v, b in bounds.items() if v not in ctx.regions}
-        bound_rows, _, input_A, _ = optimised_lower(ctx, out, A, bounds, iterations=iterations)
-        # The decisive row's input coefficients times the widths: how much halving each
-        # input could move the bound (alpha-beta-CROWN's "smart" input branching); the
-        # box corner minimising that row's linear bound is a likely counterexample.
+        bound_rows, _, input_A, _ = optimised_lower(ctx, out, A, bounds, iterations=iterations,
+                                                    learning_rate=BOX_ALPHA_LR)
         per_row = bound_rows.reshape(d.shape) - d
-        worst = jnp.argmin(jnp.max(per_row, axis=1))
-        decisive = input_A.reshape(*d.shape, -1)[worst, jnp.argmax(per_row[worst])]
+        per_disjunct, coefficients = jax.vmap(combined_rows, in_axes=(0, 0, None, None, 0))(
+            input_A.reshape(*d.shape, -1), per_row, lo, hi, jnp.isfinite(d))
+        # The worst disjunct's combined input coefficients times the widths: how much
+        # halving each input could move the bound (alpha-beta-CROWN's "smart" input
+        # branching); the box corner minimising that line is a likely counterexample.
+        worst = jnp.argmin(per_disjunct)
+        decisive = coefficients[worst]
         corner = jnp.where(decisive.reshape(lo.shape) > 0, lo, hi)
-        return (margin_of_rows(bound_rows[None], d)[0], jnp.abs(decisive) * (hi - lo).reshape(-1), corner,
+        return (jnp.min(per_disjunct), jnp.abs(decisive) * (hi - lo).reshape(-1), corner,
                 kept, most_unstable(ctx, bounds))
 
     def box_bounds(consts, A, C, d, lo, hi, reference, iterations: int, rows: int | None):

@@ -15,9 +15,10 @@ counterexamples. Two ways to choose the input to halve:
 - ``"coefficient"``: the input whose coefficient in the decisive bound, times its width,
   is largest (alpha-beta-CROWN's "smart" branching): one bound per child.
 On ACAS Xu each has solved instances where the other stalls, so :func:`input_split`
-runs a portfolio (:data:`PORTFOLIO`): coefficient branching first (with the cheap
-sub-box bounds, 3-4 times faster than look-ahead on the hardest instances), then
-look-ahead.
+runs a portfolio (:data:`PORTFOLIO`) of searches interleaved step by step.
+Each box's output slopes (alpha) are tuned by a few Adam steps and a conjunction's rows
+are combined (:func:`~jaxlirpa.bab.bounding.combined_rows`): on ACAS Xu's hardest
+instances this proves most of the boxes that plain CROWN leaves open.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from jaxlirpa.bab.report import Outcome, Progress
 
 
 OPEN_BYTES = 2 << 30
-"""Host memory the open boxes may take (with their intermediate bounds); more is ``"unknown"``."""
+"""Host memory the open boxes of all searches may take (with their intermediate bounds);
+a search that needs more ends ``"unknown"``."""
 
 
 def padded_size(n: int, largest: int) -> int:
@@ -131,34 +133,49 @@ def _splittable(parent_hi, width):
     return width > 4 * np.finfo(np.float32).eps * (1 + np.abs(parent_hi).reshape(width.shape))
 
 
-PORTFOLIO = (("coefficient", False), ("coefficient", True), ("lookahead", False), ("lookahead", True))
-"""The searches :func:`input_split` runs in turn, each from the start for an equal share
-of the time left: (branching, whether children of boxes with more than ``rows``
-unstable neurons in a layer get plain CROWN instead of their parent's bounds). On ACAS
-Xu the depth-first search is erratic: each of these solves hard instances in seconds
-where another stalls."""
+PORTFOLIO = (("coefficient", False), ("lookahead", False), ("coefficient", True), ("lookahead", True))
+"""The searches :func:`input_split` runs side by side: (branching, whether children of
+boxes with more than ``rows`` unstable neurons in a layer get plain CROWN instead of
+their parent's bounds). On ACAS Xu the depth-first search is erratic: each of these
+solves hard instances in seconds where another stalls."""
 
 
 def input_split(problem: Problem, bounder: Bounder, deadline: float, *, batch: int = 1024,
-                max_domains: int = 500_000, iterations: int = 0, rows: int = 16,
+                max_domains: int = 500_000, iterations: int = 5, rows: int = 16,
                 progress: Progress | None = None) -> Outcome:
     """Prove the property on ``problem``'s box or find a counterexample before ``deadline``
-    (a ``time.monotonic()`` value), by the searches of :data:`PORTFOLIO` in turn.
-    ``iterations`` tunes each box's output slopes (alpha) by that many steps; ``rows``
-    is how many neurons per layer a sub-box's bounds recompute (:func:`_bound_children`).
-    Returns an :class:`Outcome`."""
-    domains = 0
-    for k, (strategy, refresh) in enumerate(PORTFOLIO):
-        now = time.monotonic()
-        share = now + (deadline - now) / (len(PORTFOLIO) - k)
-        outcome = _search(problem, bounder, share, strategy, refresh, batch, max_domains, iterations, rows, progress)
-        domains = outcome.domains = domains + outcome.domains
-        if outcome.status != "timeout" or time.monotonic() >= deadline:
+    (a ``time.monotonic()`` value), by the searches of :data:`PORTFOLIO` interleaved:
+    the one that has used the least time takes the next step, so the answer comes in
+    about ``len(PORTFOLIO)`` times the fastest search's time, whichever that is (run one
+    after another, each would need a guess of its share). ``iterations`` tunes each
+    box's output slopes (alpha) by that many steps; ``rows`` is how many neurons per
+    layer a sub-box's bounds recompute (:func:`_bound_children`). Returns an :class:`Outcome`."""
+    searches = [_search(problem, bounder, strategy, refresh, batch, max_domains, iterations, rows, progress,
+                        OPEN_BYTES // len(PORTFOLIO)) for strategy, refresh in PORTFOLIO]
+    used, domains, ended = [0.0] * len(searches), [0] * len(searches), []
+    while searches:
+        if time.monotonic() > deadline:
+            return Outcome("timeout", domains=sum(domains), best_bound=max((o.best_bound for o in ended), default=-np.inf))
+        k = min(range(len(searches)), key=used.__getitem__)
+        began = time.monotonic()
+        try:
+            domains[k] = next(searches[k])
+            used[k] += time.monotonic() - began
+            continue
+        except StopIteration as stop:
+            outcome = stop.value
+        if outcome.status in ("sat", "unsat"):
+            outcome.domains = sum(domains) + outcome.domains - domains[k]
             return outcome
-    return outcome
+        ended.append(outcome)  # "unknown" (out of memory, or boxes too thin to halve): the others go on
+        del searches[k], used[k], domains[k]
+    return Outcome("unknown", domains=sum(o.domains for o in ended), best_bound=max(o.best_bound for o in ended))
 
 
-def _search(problem, bounder, deadline, strategy, refresh, batch, max_domains, iterations, rows, progress) -> Outcome:
+def _search(problem, bounder, strategy, refresh, batch, max_domains, iterations, rows, progress, open_bytes):
+    """One depth-first search, as a generator: it yields the number of boxes bounded so
+    far after every step and returns its :class:`Outcome` (never ``"timeout"``); its
+    open boxes may take ``open_bytes`` of host memory."""
     n = problem.lower.size
     lo, hi = problem.lower[None], problem.upper[None]
     bound, score, _, _, ref, unstable = _bound(bounder, lo, hi, None, iterations, batch, rows)
@@ -169,11 +186,10 @@ def _search(problem, bounder, deadline, strategy, refresh, batch, max_domains, i
     # The stack of open boxes, each with what its children start from.
     open_boxes = (lo, hi, score, ref, unstable)
     per_box = sum(a[0].nbytes for a in jax.tree_util.tree_leaves(open_boxes))
-    max_domains = min(max_domains, OPEN_BYTES // per_box)
+    max_domains = min(max_domains, open_bytes // per_box)
     per_step = max(1, batch // (2 * n)) if strategy == "lookahead" else max(1, batch // 2)
     while len(open_boxes[0]):
-        if time.monotonic() > deadline:
-            return Outcome("timeout", domains=visited, best_bound=best)
+        yield visited
         take = min(per_step, len(open_boxes[0]))
         parents = _tree(lambda a: a[-take:], open_boxes)
         open_boxes = _tree(lambda a: a[:-take], open_boxes)
