@@ -1,5 +1,6 @@
 """Complete verification: beta-CROWN soundness under random splits, verdicts on the shared
 VNN-COMP test networks and a few ACAS Xu instances, the command line, bad input."""
+import time
 from pathlib import Path
 
 import jax
@@ -11,7 +12,9 @@ import jaxlirpa
 from jaxlirpa import cli
 from jaxlirpa.bab import robustness_property, verify
 from jaxlirpa.bab.bounding import Bounder, cached, combined_rows
+from jaxlirpa.bab import input_split as input_split_module
 from jaxlirpa.bab.input_split import _halve
+from jaxlirpa.bab.report import Outcome
 from jaxlirpa.bab.problem import Problem
 from jaxlirpa.bab.relu_split import _children, _root, splittable_vars
 
@@ -131,6 +134,27 @@ def test_combined_rows_are_sound_and_beat_every_single_row():
         best_row = np.max(np.where(valid, np.concatenate([x, corners]) @ a.T + b, -np.inf), axis=1)
         assert float(bound) >= value[valid].max() - 1e-5, trial
         assert float(bound) <= best_row.min() + 1e-5, trial
+
+
+def test_portfolio_interleaves_searches_and_outlives_an_unknown_one(monkeypatch):
+    """The searches step in turn by their shares of the time; one that ends "unknown"
+    (out of memory, say) leaves the others running, and the deciding one is named."""
+    steps = []
+
+    def fake_search(problem, bounder, strategy, refresh, *rest):
+        for k in range({"quitter": 2, "prover": 8}[strategy]):
+            steps.append(strategy)
+            time.sleep(0.02)  # every step takes about the same time
+            yield k
+        return Outcome("unknown" if strategy == "quitter" else "unsat", domains=10)
+
+    monkeypatch.setattr(input_split_module, "_search", fake_search)
+    monkeypatch.setattr(input_split_module, "PORTFOLIO", (("quitter", False, 1), ("prover", True, 3)))
+    outcome = input_split_module.input_split(None, None, deadline=float("inf"))
+    assert (outcome.status, outcome.search) == ("unsat", "prover, refresh")
+    second_turn = [k for k, s in enumerate(steps) if s == "quitter"][1]
+    assert 2 <= steps[:second_turn].count("prover") <= 5  # about three steps of the prover per one of the quitter
+    assert steps.count("prover") == 8
 
 
 def test_shared_test_networks_get_the_right_verdicts():

@@ -62,16 +62,18 @@ def _halve(lo, hi, dims):
             np.concatenate([left_hi, flat_hi]).reshape(-1, *lo.shape[1:]))
 
 
-def _children(lo, hi):
-    """Every box halved along every input: ``(boxes, inputs, 2, inputs)`` lower and upper corners."""
+def _children(lo, hi, dims):
+    """Every box halved along each of its candidate inputs ``dims`` (boxes, candidates):
+    ``(boxes, candidates, 2, inputs)`` lower and upper corners."""
     m, n = len(lo), lo[0].size
+    k = dims.shape[1]
     flat_lo, flat_hi = lo.reshape(m, -1), hi.reshape(m, -1)
-    mid = (flat_lo + flat_hi) / 2
-    child_lo = np.broadcast_to(flat_lo[:, None, None], (m, n, 2, n)).copy()
-    child_hi = np.broadcast_to(flat_hi[:, None, None], (m, n, 2, n)).copy()
-    dims = np.arange(n)
-    child_hi[:, dims, 0, dims] = mid
-    child_lo[:, dims, 1, dims] = mid
+    rows, cands = np.arange(m)[:, None], np.arange(k)[None]
+    mid = (flat_lo[rows, dims] + flat_hi[rows, dims]) / 2
+    child_lo = np.broadcast_to(flat_lo[:, None, None], (m, k, 2, n)).copy()
+    child_hi = np.broadcast_to(flat_hi[:, None, None], (m, k, 2, n)).copy()
+    child_hi[rows, cands, 0, dims] = mid
+    child_lo[rows, cands, 1, dims] = mid
     return child_lo, child_hi
 
 
@@ -106,26 +108,33 @@ def _bound_children(bounder, lo, hi, parent_ref, parent_unstable, iterations, si
     return out
 
 
-def _choose_lookahead(bounder, problem, parents, iterations, size_limit, rows, refresh):
-    """Bound all halvings; return (children lo, hi, bounds, points, point margins,
-    intermediate bounds, unstable counts) of the best one per box."""
-    parent_lo, parent_hi, _, parent_ref, parent_unstable = parents
+def _choose_lookahead(bounder, problem, parents, iterations, size_limit, rows, refresh, candidates):
+    """Bound the halvings along each box's ``candidates`` inputs of largest coefficient
+    score (filtered smart branching; all inputs when it is at least their number) and
+    return (children lo, hi, bounds, points, point margins, intermediate bounds,
+    unstable counts) of the best halving per box."""
+    parent_lo, parent_hi, parent_score, parent_ref, parent_unstable = parents
     shape, n, take = problem.lower.shape, problem.lower.size, len(parent_lo)
-    child_lo, child_hi = _children(parent_lo, parent_hi)
-    flat_lo, flat_hi = child_lo.reshape(-1, *shape), child_hi.reshape(-1, *shape)
-    ref, unstable = _tree(lambda a: np.repeat(a, 2 * n, axis=0), (parent_ref, parent_unstable))
-    bound, _, point, margin, kept_ref, unstable = _bound_children(bounder, flat_lo, flat_hi, ref, unstable,
-                                                                  iterations, size_limit, rows, refresh)
-    bound = bound.reshape(take, n, 2)
     width = (parent_hi - parent_lo).reshape(take, n)
-    full_width = np.maximum((problem.upper - problem.lower).reshape(1, n), 1e-12)
+    splittable = _splittable(parent_hi, width)
+    k = min(candidates, n)
+    dims = np.argsort(-np.where(splittable, parent_score + 1e-12 * width, -np.inf), axis=1, kind="stable")[:, :k]
+    child_lo, child_hi = _children(parent_lo, parent_hi, dims)
+    flat_lo, flat_hi = child_lo.reshape(-1, *shape), child_hi.reshape(-1, *shape)
+    ref, unstable = _tree(lambda a: np.repeat(a, 2 * k, axis=0), (parent_ref, parent_unstable))
+    bound, score, point, margin, kept_ref, unstable = _bound_children(bounder, flat_lo, flat_hi, ref, unstable,
+                                                                      iterations, size_limit, rows, refresh)
+    bound = bound.reshape(take, k, 2)
+    boxes = np.arange(take)[:, None]
+    full_width = np.maximum((problem.upper - problem.lower).reshape(-1), 1e-12)
     gap = np.minimum(bound, 0).sum(axis=2)
-    worth = np.where(_splittable(parent_hi, width), gap + 1e-3 * (width / full_width) * np.abs(gap).mean(), -np.inf)
-    boxes, dims = np.arange(take), worth.argmax(axis=1)
+    relative = width[boxes, dims] / full_width[dims]
+    worth = np.where(splittable[boxes, dims], gap + 1e-3 * relative * np.abs(gap).mean(), -np.inf)
+    best = worth.argmax(axis=1)
     ok = np.isfinite(worth.max(axis=1))
-    chosen = lambda a: a.reshape(take, n, 2, *a.shape[1:])[boxes, dims].reshape(-1, *a.shape[1:])
-    return (chosen(flat_lo), chosen(flat_hi), chosen(bound.reshape(-1)), chosen(point), chosen(margin),
-            _tree(chosen, kept_ref), chosen(unstable), ok, len(flat_lo))
+    chosen = lambda a: a.reshape(take, k, 2, *a.shape[1:])[np.arange(take), best].reshape(-1, *a.shape[1:])
+    return (chosen(flat_lo), chosen(flat_hi), chosen(bound.reshape(-1)), chosen(score), chosen(point),
+            chosen(margin), _tree(chosen, kept_ref), chosen(unstable), ok, len(flat_lo))
 
 
 def _splittable(parent_hi, width):
@@ -133,11 +142,18 @@ def _splittable(parent_hi, width):
     return width > 4 * np.finfo(np.float32).eps * (1 + np.abs(parent_hi).reshape(width.shape))
 
 
-PORTFOLIO = (("coefficient", False), ("lookahead", False), ("coefficient", True), ("lookahead", True))
+LOOKAHEAD_CANDIDATES = 5
+"""How many inputs (those of largest coefficient score) look-ahead halves and bounds per
+box: all of ACAS Xu's 5 (on its hardest instance the score's top 3 miss the best split
+and the tree grows six-fold); wider inputs are filtered to these (filtered smart branching)."""
+
+PORTFOLIO = (("lookahead", False, 3), ("coefficient", False, 1), ("coefficient", True, 1), ("lookahead", True, 1))
 """The searches :func:`input_split` runs side by side: (branching, whether children of
 boxes with more than ``rows`` unstable neurons in a layer get plain CROWN instead of
-their parent's bounds). On ACAS Xu the depth-first search is erratic: each of these
-solves hard instances in seconds where another stalls."""
+their parent's bounds, share of the time). On ACAS Xu the depth-first search is
+erratic: each of these solves hard instances in seconds where another stalls; plain
+look-ahead proves most of the hardest unsat ones, coefficient branching finds the
+deepest counterexamples first."""
 
 
 def input_split(problem: Problem, bounder: Bounder, deadline: float, *, batch: int = 1024,
@@ -145,18 +161,21 @@ def input_split(problem: Problem, bounder: Bounder, deadline: float, *, batch: i
                 progress: Progress | None = None) -> Outcome:
     """Prove the property on ``problem``'s box or find a counterexample before ``deadline``
     (a ``time.monotonic()`` value), by the searches of :data:`PORTFOLIO` interleaved:
-    the one that has used the least time takes the next step, so the answer comes in
-    about ``len(PORTFOLIO)`` times the fastest search's time, whichever that is (run one
-    after another, each would need a guess of its share). ``iterations`` tunes each
+    the one furthest below its share of the time used takes the next step, so the answer
+    comes in the fastest search's time over its share, whichever search that is (run
+    one after another, each would need a guess of its time). ``iterations`` tunes each
     box's output slopes (alpha) by that many steps; ``rows`` is how many neurons per
-    layer a sub-box's bounds recompute (:func:`_bound_children`). Returns an :class:`Outcome`."""
+    layer a sub-box's bounds recompute (:func:`_bound_children`). Returns an
+    :class:`Outcome` whose ``search`` names the search that decided."""
+    names = [f"{strategy}{', refresh' if refresh else ''}" for strategy, refresh, _ in PORTFOLIO]
     searches = [_search(problem, bounder, strategy, refresh, batch, max_domains, iterations, rows, progress,
-                        OPEN_BYTES // len(PORTFOLIO)) for strategy, refresh in PORTFOLIO]
+                        OPEN_BYTES // len(PORTFOLIO)) for strategy, refresh, _ in PORTFOLIO]
+    shares = [share for _, _, share in PORTFOLIO]
     used, domains, ended = [0.0] * len(searches), [0] * len(searches), []
     while searches:
         if time.monotonic() > deadline:
             return Outcome("timeout", domains=sum(domains), best_bound=max((o.best_bound for o in ended), default=-np.inf))
-        k = min(range(len(searches)), key=used.__getitem__)
+        k = min(range(len(searches)), key=lambda j: used[j] / shares[j])
         began = time.monotonic()
         try:
             domains[k] = next(searches[k])
@@ -164,11 +183,13 @@ def input_split(problem: Problem, bounder: Bounder, deadline: float, *, batch: i
             continue
         except StopIteration as stop:
             outcome = stop.value
+        outcome.search = names[k]
         if outcome.status in ("sat", "unsat"):
             outcome.domains = sum(domains) + outcome.domains - domains[k]
             return outcome
         ended.append(outcome)  # "unknown" (out of memory, or boxes too thin to halve): the others go on
-        del searches[k], used[k], domains[k]
+        for kept in (searches, used, domains, shares, names):
+            del kept[k]
     return Outcome("unknown", domains=sum(o.domains for o in ended), best_bound=max(o.best_bound for o in ended))
 
 
@@ -187,16 +208,15 @@ def _search(problem, bounder, strategy, refresh, batch, max_domains, iterations,
     open_boxes = (lo, hi, score, ref, unstable)
     per_box = sum(a[0].nbytes for a in jax.tree_util.tree_leaves(open_boxes))
     max_domains = min(max_domains, open_bytes // per_box)
-    per_step = max(1, batch // (2 * n)) if strategy == "lookahead" else max(1, batch // 2)
+    per_step = max(1, batch // (2 * min(n, LOOKAHEAD_CANDIDATES))) if strategy == "lookahead" else max(1, batch // 2)
     while len(open_boxes[0]):
         yield visited
         take = min(per_step, len(open_boxes[0]))
         parents = _tree(lambda a: a[-take:], open_boxes)
         open_boxes = _tree(lambda a: a[:-take], open_boxes)
         if strategy == "lookahead":
-            kept_lo, kept_hi, kept, point, margin, kept_ref, kept_unstable, ok, bounded = _choose_lookahead(
-                bounder, problem, parents, iterations, batch, rows, refresh)
-            kept_score = np.zeros((len(kept), n))
+            kept_lo, kept_hi, kept, kept_score, point, margin, kept_ref, kept_unstable, ok, bounded = (
+                _choose_lookahead(bounder, problem, parents, iterations, batch, rows, refresh, LOOKAHEAD_CANDIDATES))
         else:
             parent_lo, parent_hi, parent_score, parent_ref, parent_unstable = parents
             width = (parent_hi - parent_lo).reshape(take, n)

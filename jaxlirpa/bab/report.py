@@ -11,12 +11,14 @@ import numpy as np
 @dataclasses.dataclass
 class Outcome:
     """The result of one search: ``status`` is ``"sat"``, ``"unsat"``, ``"timeout"`` or
-    ``"unknown"``; ``counterexample`` is ``(x, f(x))`` for ``"sat"``."""
+    ``"unknown"``; ``counterexample`` is ``(x, f(x))`` for ``"sat"``; ``search`` names
+    the search of a portfolio that decided, if any."""
 
     status: str
     counterexample: tuple[np.ndarray, np.ndarray] | None = None
     domains: int = 0
     best_bound: float = -np.inf
+    search: str = ""
 
 
 @dataclasses.dataclass

@@ -96,5 +96,6 @@ def verify(fn: Callable, properties: Property | Sequence[Property], *, input_sha
     finally:
         bar.close()
     result = _combine(outcomes)
+    searches = sorted({o.search for o in outcomes if o.search})
     return Verdict(result.status, result.counterexample, time.monotonic() - start,
-                   sum(o.domains for o in outcomes), f"{how}-split")
+                   sum(o.domains for o in outcomes), f"{how}-split" + (f" ({'; '.join(searches)})" if searches else ""))
