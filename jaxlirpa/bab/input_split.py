@@ -9,9 +9,10 @@ unstable neurons per layer (:func:`~jaxlirpa.bab.bounding.sub_box_intervals`), s
 times cheaper than full CROWN and, met with every ancestor's, often tighter. Every
 child's centre and the corner minimising its decisive linear bound are checked as
 counterexamples. Two ways to choose the input to halve:
-- ``"lookahead"``: halve each box along *every* input, bound all ``2n`` children and keep
-  the split whose children bound best (the sum of their gaps below zero; ties to the
-  relatively widest input). ``n`` times more bounds per step, far smaller trees mostly.
+- ``"lookahead"``: halve each box along every input (or the :data:`LOOKAHEAD_CANDIDATES`
+  of largest coefficient score), bound all those children and keep the split whose
+  children bound best (the sum of their gaps below zero; ties to the relatively widest
+  input). ``n`` times more bounds per step, far smaller trees mostly.
 - ``"coefficient"``: the input whose coefficient in the decisive bound, times its width,
   is largest (alpha-beta-CROWN's "smart" branching): one bound per child.
 On ACAS Xu each has solved instances where the other stalls, so :func:`input_split`
