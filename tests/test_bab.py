@@ -101,8 +101,8 @@ def test_sub_boxes_bounded_from_their_parent_are_sound():
     y = np.asarray(mlp(jnp.asarray(x.reshape(-1, 2)))).reshape(32, 500, 3)
     margin_of = lambda y: np.min(np.max(np.einsum("kro,...o->...kr", problem.C, y) - problem.d, axis=-1), axis=-1)
     lowest = margin_of(y).min(axis=1)
-    for rows in (3, 12):
-        bound, _, point, margin, _, _ = bounder.box_bounds(child_lo, child_hi, child_ref, rows=rows)
+    for rows, iterations in ((3, 0), (12, 0), (3, 5)):  # with steps, the best rows and the last lines differ
+        bound, _, point, margin, _, _ = bounder.box_bounds(child_lo, child_hi, child_ref, iterations, rows=rows)
         assert np.all(np.asarray(bound) <= lowest + 1e-4), rows
         point = np.asarray(point)
         assert np.all((child_lo <= point) & (point <= child_hi))
@@ -115,7 +115,8 @@ def test_combined_rows_are_sound_and_beat_every_single_row():
     does (x + 0.1 and 0.1 - x on [-1, 1]: their mean is 0.1), never above the max
     of the rows at any point of the box, and never below the best row's own bound."""
     lo, hi = jnp.array([-1.0]), jnp.array([1.0])
-    bound, _ = combined_rows(jnp.array([[1.0], [-1.0]]), jnp.array([-0.9, -0.9]), lo, hi, jnp.array([True, True]))
+    rows = jnp.array([-0.9, -0.9])
+    bound, _ = combined_rows(jnp.array([[1.0], [-1.0]]), rows, rows, lo, hi, jnp.array([True, True]))
     assert abs(float(bound) - 0.1) < 1e-3
     combine = jax.jit(combined_rows)  # one shape, one compilation; the masks vary the row count
     for trial in range(20):
@@ -128,7 +129,8 @@ def test_combined_rows_are_sound_and_beat_every_single_row():
         valid = RNG.uniform(size=rows) < 0.8
         valid[RNG.integers(rows)] = True
         a_in = np.where(valid[:, None], a, np.nan)  # padded rows may hold anything
-        bound, _ = combine(jnp.asarray(a_in), jnp.asarray(np.where(valid, value, -np.inf)),
+        value = jnp.asarray(np.where(valid, value, -np.inf))
+        bound, _ = combine(jnp.asarray(a_in), value, value,
                                  jnp.asarray(lo), jnp.asarray(hi), jnp.asarray(valid))
         x = lo + RNG.uniform(size=(4000, n)).astype(np.float32) * (hi - lo)
         corners = np.where(RNG.integers(0, 2, size=(64, n)) > 0, lo, hi)

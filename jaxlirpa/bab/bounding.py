@@ -104,12 +104,13 @@ COMBINATION_STEPS = 20
 """Mirror-ascent steps of :func:`combined_rows` per conjunction."""
 
 
-def combined_rows(a, value, lo, hi, valid, steps: int = COMBINATION_STEPS):
-    """The best lower bound over the box of a convex combination of one conjunction's
-    rows, and that combination's input coefficients.
+def combined_rows(a, value, best_rows, lo, hi, valid, steps: int = COMBINATION_STEPS):
+    """The best lower bound over the box of one conjunction's rows: of a convex
+    combination of them, or of a single row (``best_rows``, bounds that may come from
+    other lines than ``a``); and the input coefficients of the combination found.
 
-    Row ``r`` is at least ``a[r] @ x + b[r]`` on the box, and its lower bound ``value[r]``
-    is that line's minimum. A counterexample makes every row ``<= 0``, so if some
+    Row ``r`` is at least ``a[r] @ x + b[r]`` on the box, and ``value[r]`` is that
+    line's minimum. A counterexample makes every row ``<= 0``, so if some
     ``lam >= 0`` (summing to 1) has ``min_box sum_r lam[r] (a[r] @ x + b[r]) > 0``, the
     box has none (the LP dual of the conjunction): stronger than the best single row
     (a vertex of the simplex, the start) where different rows hold in different parts
@@ -127,6 +128,7 @@ def combined_rows(a, value, lo, hi, valid, steps: int = COMBINATION_STEPS):
 
     start = jax.nn.one_hot(jnp.argmax(jnp.where(valid, value, -jnp.inf)), len(value), dtype=a.dtype)
     best0, _ = at(start)
+    single = jnp.max(jnp.where(valid, best_rows, -jnp.inf))
 
     def step(carry, k):
         lam, best, best_lam = carry
@@ -141,7 +143,7 @@ def combined_rows(a, value, lo, hi, valid, steps: int = COMBINATION_STEPS):
     lam0 = 0.5 * start + 0.5 * uniform
     (_, best, lam), _ = jax.lax.scan(step, (lam0, best0, start), jnp.arange(steps, dtype=a.dtype))
     g, _ = at(lam)
-    return g, lam @ a
+    return jnp.maximum(g, single), lam @ a
 
 
 def _box_bounds(graph: Graph):
@@ -152,11 +154,11 @@ def _box_bounds(graph: Graph):
         ctx = box_context(graph, consts, lo, hi)
         bounds = crown_intervals(ctx) if reference is None else sub_box_intervals(ctx, reference, rows)
         kept = {v: b for v, b in bounds.items() if v not in ctx.regions}
-        bound_rows, _, input_A, _ = optimised_lower(ctx, out, A, bounds, iterations=iterations,
-                                                    learning_rate=BOX_ALPHA_LR)
-        per_row = bound_rows.reshape(d.shape) - d
-        per_disjunct, coefficients = jax.vmap(combined_rows, in_axes=(0, 0, None, None, 0))(
-            input_A.reshape(*d.shape, -1), per_row, lo, hi, jnp.isfinite(d))
+        bound_rows, _, (input_A, line_rows), _ = optimised_lower(ctx, out, A, bounds, iterations=iterations,
+                                                                 learning_rate=BOX_ALPHA_LR)
+        per_row, line_min = bound_rows.reshape(d.shape) - d, line_rows.reshape(d.shape) - d
+        per_disjunct, coefficients = jax.vmap(combined_rows, in_axes=(0, 0, 0, None, None, 0))(
+            input_A.reshape(*d.shape, -1), line_min, per_row, lo, hi, jnp.isfinite(d))
         # The worst disjunct's combined input coefficients times the widths: how much
         # halving each input could move the bound (alpha-beta-CROWN's "smart" input
         # branching); the box corner minimising that line is a likely counterexample.

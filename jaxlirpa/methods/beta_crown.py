@@ -64,7 +64,9 @@ def optimised_lower(ctx: Context, out: int, A, bounds, *, iterations: int, alpha
 
     Cheap next to recomputing intermediate bounds (one backward pass of ``A``'s rows per
     step), which is why branch and bound tunes these only. Returns ``(rows, (alphas,
-    betas), input coefficients of the lower bound, {variable: coefficients reaching it})``.
+    betas), (input coefficients of the last step's lower bound, that bound's rows),
+    {variable: coefficients reaching it})``: with steps the best rows may come from an
+    earlier step, whose linear bound is not the last one.
     """
     splits = splits or {}
     x = ctx.graph.perturbed_inputs[0]
@@ -101,4 +103,4 @@ def optimised_lower(ctx: Context, out: int, A, bounds, *, iterations: int, alpha
         (params, _, best), _ = jax.lax.scan(step, (params, optimizer.init(params), rows0), None, length=iterations)
     rows, (input_A, seen) = evaluate(params)
     ctx.slopes = None
-    return (jnp.maximum(rows, best) if iterations else rows), params, input_A, seen
+    return (jnp.maximum(rows, best) if iterations else rows), params, (input_A, rows), seen
