@@ -148,7 +148,7 @@ def test_portfolio_interleaves_searches_and_outlives_an_unknown_one(monkeypatch)
         for k in range({"quitter": 2, "prover": 8}[strategy]):
             steps.append(strategy)
             time.sleep(0.02)  # every step takes about the same time
-            yield k
+            yield k, -1.0
         return Outcome("unknown" if strategy == "quitter" else "unsat", domains=10)
 
     monkeypatch.setattr(input_split_module, "_search", fake_search)
@@ -158,6 +158,7 @@ def test_portfolio_interleaves_searches_and_outlives_an_unknown_one(monkeypatch)
     second_turn = [k for k, s in enumerate(steps) if s == "quitter"][1]
     assert 2 <= steps[:second_turn].count("prover") <= 5  # about three steps of the prover per one of the quitter
     assert steps.count("prover") == 8
+    assert outcome.domains == 20  # the quitter's boxes count too
 
 
 def test_shared_test_networks_get_the_right_verdicts():

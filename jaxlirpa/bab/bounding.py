@@ -142,8 +142,7 @@ def combined_rows(a, value, best_rows, lo, hi, valid, steps: int = COMBINATION_S
     uniform = jnp.where(valid, 1.0, 0.0) / jnp.maximum(jnp.sum(valid), 1)
     lam0 = 0.5 * start + 0.5 * uniform
     (_, best, lam), _ = jax.lax.scan(step, (lam0, best0, start), jnp.arange(steps, dtype=a.dtype))
-    g, _ = at(lam)
-    return jnp.maximum(g, single), lam @ a
+    return jnp.maximum(best, single), lam @ a
 
 
 def _box_bounds(graph: Graph):
@@ -193,9 +192,10 @@ class Bounder:
 
     def box_bounds(self, lo, hi, reference=None, iterations: int = 0, rows: int | None = 16):
         """For a batch of boxes: CROWN lower bounds of the margin (the output's slopes
-        tuned by ``iterations`` steps), a split score per input (coefficient times
-        width), a candidate counterexample per box (its centre or the corner that
-        minimises the decisive linear bound, whichever has the lower margin) and that
+        tuned by ``iterations`` steps, a conjunction's rows combined by
+        :func:`combined_rows`), a split score per input (the worst disjunct's combined
+        coefficient times width), a candidate counterexample per box (its centre or the
+        corner that minimises that combined linear bound, whichever has the lower margin) and that
         margin, the intermediate bounds used (``{variable: Interval}``, batched) and
         the most unstable neurons in any layer under them. With ``reference`` (such
         bounds of boxes containing these), only the ``rows`` most unstable neurons per

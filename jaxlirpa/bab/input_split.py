@@ -119,7 +119,7 @@ def _choose_lookahead(bounder, problem, parents, iterations, size_limit, rows, r
     width = (parent_hi - parent_lo).reshape(take, n)
     splittable = _splittable(parent_hi, width)
     k = min(candidates, n)
-    dims = np.argsort(-np.where(splittable, parent_score + 1e-12 * width, -np.inf), axis=1, kind="stable")[:, :k]
+    dims = np.argsort(-_coefficient_scores(parent_lo, parent_hi, parent_score), axis=1, kind="stable")[:, :k]
     child_lo, child_hi = _children(parent_lo, parent_hi, dims)
     flat_lo, flat_hi = child_lo.reshape(-1, *shape), child_hi.reshape(-1, *shape)
     ref, unstable = _tree(lambda a: np.repeat(a, 2 * k, axis=0), (parent_ref, parent_unstable))
@@ -136,6 +136,13 @@ def _choose_lookahead(bounder, problem, parents, iterations, size_limit, rows, r
     chosen = lambda a: a.reshape(take, k, 2, *a.shape[1:])[np.arange(take), best].reshape(-1, *a.shape[1:])
     return (chosen(flat_lo), chosen(flat_hi), chosen(bound.reshape(-1)), chosen(score), chosen(point),
             chosen(margin), _tree(chosen, kept_ref), chosen(unstable), ok, len(flat_lo))
+
+
+def _coefficient_scores(lo, hi, score):
+    """Each box's coefficient score per input (ties to the wider input), ``-inf`` on
+    inputs too thin to halve: shape (boxes, inputs)."""
+    width = (hi - lo).reshape(len(lo), -1)
+    return np.where(_splittable(hi, width), score + 1e-12 * width, -np.inf)
 
 
 def _splittable(parent_hi, width):
@@ -172,31 +179,34 @@ def input_split(problem: Problem, bounder: Bounder, deadline: float, *, batch: i
     searches = [_search(problem, bounder, strategy, refresh, batch, max_domains, iterations, rows, progress,
                         OPEN_BYTES // len(PORTFOLIO)) for strategy, refresh, _ in PORTFOLIO]
     shares = [share for _, _, share in PORTFOLIO]
-    used, domains, ended = [0.0] * len(searches), [0] * len(searches), []
+    used, state, ended = [0.0] * len(searches), [(0, -np.inf)] * len(searches), []
+    total = lambda: sum(d for d, _ in state) + sum(o.domains for o in ended)  # noqa: E731
     while searches:
         if time.monotonic() > deadline:
-            return Outcome("timeout", domains=sum(domains), best_bound=max((o.best_bound for o in ended), default=-np.inf))
+            best = max([b for _, b in state] + [o.best_bound for o in ended])
+            return Outcome("timeout", domains=total(), best_bound=best)
         k = min(range(len(searches)), key=lambda j: used[j] / shares[j])
         began = time.monotonic()
         try:
-            domains[k] = next(searches[k])
+            state[k] = next(searches[k])
             used[k] += time.monotonic() - began
             continue
         except StopIteration as stop:
             outcome = stop.value
         outcome.search = names[k]
         if outcome.status in ("sat", "unsat"):
-            outcome.domains = sum(domains) + outcome.domains - domains[k]
+            outcome.domains = total() - state[k][0] + outcome.domains
             return outcome
         ended.append(outcome)  # "unknown" (out of memory, or boxes too thin to halve): the others go on
-        for kept in (searches, used, domains, shares, names):
+        for kept in (searches, used, state, shares, names):
             del kept[k]
-    return Outcome("unknown", domains=sum(o.domains for o in ended), best_bound=max(o.best_bound for o in ended))
+    return Outcome("unknown", domains=total(), best_bound=max(o.best_bound for o in ended))
 
 
 def _search(problem, bounder, strategy, refresh, batch, max_domains, iterations, rows, progress, open_bytes):
     """One depth-first search, as a generator: it yields the number of boxes bounded so
-    far after every step and returns its :class:`Outcome` (never ``"timeout"``); its
+    far and the lowest bound of an open box after every step and returns its
+    :class:`Outcome` (never ``"timeout"``); its
     open boxes may take ``open_bytes`` of host memory."""
     n = problem.lower.size
     lo, hi = problem.lower[None], problem.upper[None]
@@ -211,7 +221,7 @@ def _search(problem, bounder, strategy, refresh, batch, max_domains, iterations,
     max_domains = min(max_domains, open_bytes // per_box)
     per_step = max(1, batch // (2 * min(n, LOOKAHEAD_CANDIDATES))) if strategy == "lookahead" else max(1, batch // 2)
     while len(open_boxes[0]):
-        yield visited
+        yield visited, best
         take = min(per_step, len(open_boxes[0]))
         parents = _tree(lambda a: a[-take:], open_boxes)
         open_boxes = _tree(lambda a: a[:-take], open_boxes)
@@ -220,8 +230,7 @@ def _search(problem, bounder, strategy, refresh, batch, max_domains, iterations,
                 _choose_lookahead(bounder, problem, parents, iterations, batch, rows, refresh, LOOKAHEAD_CANDIDATES))
         else:
             parent_lo, parent_hi, parent_score, parent_ref, parent_unstable = parents
-            width = (parent_hi - parent_lo).reshape(take, n)
-            choice = np.where(_splittable(parent_hi, width), parent_score + 1e-12 * width, -np.inf)
+            choice = _coefficient_scores(parent_lo, parent_hi, parent_score)
             ok = np.isfinite(choice.max(axis=1))
             kept_lo, kept_hi = _halve(parent_lo, parent_hi, choice.argmax(axis=1))
             ref, unstable = _tree(lambda a: np.concatenate([a, a]), (parent_ref, parent_unstable))
