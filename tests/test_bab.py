@@ -11,7 +11,7 @@ import pytest
 import jaxlirpa
 from jaxlirpa import cli
 from jaxlirpa.bab import robustness_property, verify
-from jaxlirpa.bab.bounding import Bounder, cached, combined_rows
+from jaxlirpa.bab.bounding import SCORE_FLOOR, Bounder, cached, combined_rows
 from jaxlirpa.bab import input_split as input_split_module
 from jaxlirpa.bab.input_split import _halve
 from jaxlirpa.bab.report import Outcome
@@ -110,6 +110,18 @@ def test_sub_boxes_bounded_from_their_parent_are_sound():
     assert np.any(np.asarray(bound) > 0)  # not vacuous: some children are proved
 
 
+def test_split_score_floors_every_input_coefficient():
+    """An input with coefficient 0 in the decisive line still scores SCORE_FLOOR of the
+    largest coefficient, times its width: its width may loosen intermediate bounds, and
+    unscored it would never be halved (ACAS Xu 1_1/prop_5 timed out that way)."""
+    fn = lambda x: jnp.concatenate([3 * x[..., :1], jnp.zeros_like(x[..., :1])], axis=-1)  # margin 3 x0
+    prop = robustness_property(np.zeros(2, np.float32), 0, 1.0, 2, lower=None, upper=None)
+    bounder = Bounder(Problem.from_disjuncts(fn, (2,), prop.lower, prop.upper, prop.disjuncts))
+    bound, score = bounder.box_bounds(prop.lower[None], prop.upper[None])[:2]
+    np.testing.assert_allclose(bound, [-3.0], rtol=1e-5)
+    np.testing.assert_allclose(score, [[6.0, SCORE_FLOOR * 6.0]], rtol=1e-5)
+
+
 def test_combined_rows_are_sound_and_beat_every_single_row():
     """A convex combination of a conjunction's rows bounds the box where no single row
     does (x + 0.1 and 0.1 - x on [-1, 1]: their mean is 0.1), never above the max
@@ -144,17 +156,18 @@ def test_portfolio_interleaves_searches_and_outlives_an_unknown_one(monkeypatch)
     (out of memory, say) leaves the others running, and the deciding one is named."""
     steps = []
 
-    def fake_search(problem, bounder, strategy, refresh, *rest):
-        for k in range({"quitter": 2, "prover": 8}[strategy]):
-            steps.append(strategy)
+    def fake_search(problem, bounder, refresh, *rest):
+        name = "prover" if refresh else "quitter"
+        for k in range({"quitter": 2, "prover": 8}[name]):
+            steps.append(name)
             time.sleep(0.02)  # every step takes about the same time
             yield k, -1.0
-        return Outcome("unknown" if strategy == "quitter" else "unsat", domains=10)
+        return Outcome("unknown" if name == "quitter" else "unsat", domains=10)
 
     monkeypatch.setattr(input_split_module, "_search", fake_search)
     monkeypatch.setattr(input_split_module, "PORTFOLIO", (("quitter", False, 1), ("prover", True, 3)))
     outcome = input_split_module.input_split(None, None, deadline=float("inf"))
-    assert (outcome.status, outcome.search) == ("unsat", "prover, refresh")
+    assert (outcome.status, outcome.search) == ("unsat", "prover")
     second_turn = [k for k, s in enumerate(steps) if s == "quitter"][1]
     assert 2 <= steps[:second_turn].count("prover") <= 5  # about three steps of the prover per one of the quitter
     assert steps.count("prover") == 8
