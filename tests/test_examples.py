@@ -59,8 +59,8 @@ def test_lstm_example_bounds_contain_the_clean_margins(capsys, monkeypatch):
 
 
 def test_transformer_example_bounds_contain_the_clean_margins(capsys, monkeypatch):
-    # CROWN through attention compiles for ~25 s (CROWN's own transformer tests cover it).
-    results, _ = run_example("transformer", capsys, monkeypatch, methods=("ibp", "crown-ibp"))
+    # Backward passes through attention compile for 10 to 25 s; test_softmax covers them.
+    results, _ = run_example("transformer", capsys, monkeypatch, methods=("ibp",))
     clean = results["clean_margins"]
     tol = 1e-4 * (1 + np.abs(clean))
     for method, (lower, upper) in results["bounds"].items():
