@@ -23,7 +23,7 @@ from jax import lax
 
 from jaxlirpa._compat import lax_primitives as P
 from jaxlirpa.rules.base import ElementwiseRule, Perturbed, Relaxation, through_lines
-from jaxlirpa.rules.linear import LinearRule
+from jaxlirpa.rules.linear import LinearRule, channels_last_conv
 
 _DIAGONAL = {P.add_p, P.sub_p, P.neg_p, P.mul_p, P.div_p}
 _RELABEL = {P.reshape_p, P.transpose_p, P.squeeze_p, P.broadcast_in_dim_p, P.rev_p, P.pad_p}
@@ -168,10 +168,10 @@ def _compose(A, eqn, W) -> jax.Array:
         M = _window_matrix(eqn, W, A.shape[2:])
         return (A.reshape(A.shape[0], -1) @ M.reshape(M.shape[0], -1)).reshape(A.shape[0], in_c, *size)
     dims = lax.ConvDimensionNumbers(*[tuple(range(n + 2))] * 3)
-    conv = lambda z: lax.conv_general_dilated(
-        z, kernel, p["window_strides"], [(0, 0)] * n, rhs_dilation=p["rhs_dilation"], dimension_numbers=dims,
-        feature_group_count=p["feature_group_count"], precision=p["precision"],
-        preferred_element_type=p["preferred_element_type"])
+    conv = lambda z: channels_last_conv(
+        z, kernel, window_strides=p["window_strides"], padding=((0, 0),) * n, lhs_dilation=(1,) * n,
+        rhs_dilation=p["rhs_dilation"], dimension_numbers=dims, feature_group_count=p["feature_group_count"],
+        batch_group_count=1, precision=p["precision"], preferred_element_type=p["preferred_element_type"])
     (out,) = jax.linear_transpose(conv, jax.ShapeDtypeStruct((A.shape[0], in_c, *size), A.dtype))(A)
     return out
 

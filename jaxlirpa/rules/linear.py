@@ -35,8 +35,28 @@ def _narrows(eqn) -> bool:
 
 
 def _apply(prim, eqn, args):
+    if prim is P.conv_general_dilated_p:
+        return channels_last_conv(*args, **eqn.params)
     out = prim.bind(*args, **eqn.params)
     return out[0] if prim.multiple_results else out
+
+
+def channels_last_conv(lhs, rhs, *, dimension_numbers, **params):
+    """``conv_general_dilated`` computed in the channels-last layout (NHWC, HWIO),
+    transposing in and out. XLA's CPU backend turns other layouts (torch's NCHW) into
+    this one outside loops, but not inside a ``while`` body (``lax.map`` chunks,
+    alpha-CROWN's ``lax.scan``), where NCHW convolutions ran about 15x slower; the
+    bound's convolutions and their transposes (VJPs) now take the fast path everywhere."""
+    lhs_spec, rhs_spec, out_spec = dimension_numbers
+    nd = len(lhs_spec) - 2
+    last = (0, nd + 1, *range(1, nd + 1))
+    canonical = jax.lax.ConvDimensionNumbers(last, (nd + 1, nd, *range(nd)), last)
+    if tuple(dimension_numbers) == tuple(canonical):
+        return P.conv_general_dilated_p.bind(lhs, rhs, dimension_numbers=dimension_numbers, **params)
+    out = P.conv_general_dilated_p.bind(jnp.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1])),
+                                        jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])),
+                                        dimension_numbers=canonical, **params)
+    return jnp.transpose(out, np.argsort((out_spec[0], *out_spec[2:], out_spec[1])))
 
 
 def _substitute(ops, values):
