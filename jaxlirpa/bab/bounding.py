@@ -165,9 +165,9 @@ def _box_bounds(graph: Graph):
         per_row, line_min = bound_rows.reshape(d.shape) - d, line_rows.reshape(d.shape) - d
         per_disjunct, coefficients = jax.vmap(combined_rows, in_axes=(0, 0, 0, None, None, 0))(
             input_A.reshape(*d.shape, -1), line_min, per_row, lo, hi, jnp.isfinite(d))
-        # The worst disjunct's combined input coefficients times the widths: how much
-        # halving each input could move the bound (alpha-beta-CROWN's "smart" input
-        # branching); the box corner minimising that line is a likely counterexample.
+        # The worst disjunct's combined input coefficients (floored: SCORE_FLOOR) times
+        # the widths: how much halving each input could move the bound (alpha-beta-CROWN's
+        # "smart" input branching); the corner minimising that line is a likely counterexample.
         worst = jnp.argmin(per_disjunct)
         decisive = coefficients[worst]
         corner = jnp.where(decisive.reshape(lo.shape) > 0, lo, hi)
@@ -203,7 +203,7 @@ class Bounder:
         """For a batch of boxes: CROWN lower bounds of the margin (the output's slopes
         tuned by ``iterations`` steps, a conjunction's rows combined by
         :func:`combined_rows`), a split score per input (the worst disjunct's combined
-        coefficient times width), a candidate counterexample per box (its centre or the
+        coefficient, at least :data:`SCORE_FLOOR` of the largest, times width), a candidate counterexample per box (its centre or the
         corner that minimises that combined linear bound, whichever has the lower margin) and that
         margin, the intermediate bounds used (``{variable: Interval}``, batched) and
         the most unstable neurons in any layer under them. With ``reference`` (such

@@ -153,8 +153,9 @@ def input_split(problem: Problem, bounder: Bounder, deadline: float, *, batch: i
 def _search(problem, bounder, refresh, batch, max_domains, iterations, rows, progress, open_bytes):
     """One depth-first search, as a generator: it yields the number of boxes bounded so
     far and the lowest bound of an open box after every step and returns its
-    :class:`Outcome` (never ``"timeout"``); its
-    open boxes may take ``open_bytes`` of host memory."""
+    :class:`Outcome` (never ``"timeout"``); its open boxes may take ``open_bytes`` of
+    host memory. With ``refresh``, children of crowded boxes get plain CROWN
+    (:func:`_bound_children`)."""
     lo, hi = problem.lower[None], problem.upper[None]
     bound, score, _, _, ref, unstable = _bound(bounder, lo, hi, None, iterations, batch, rows)
     best = float(bound[0])

@@ -53,7 +53,7 @@ def _children(graph: Graph):
     def one(consts, A, d, lo, hi, root_bounds, splits, alphas, betas, iterations: int):
         ctx = box_context(graph, consts, lo, hi)
         rows, params, (input_A, _), seen = optimised_lower(ctx, out, A, root_bounds, iterations=iterations,
-                                                      alphas=alphas, splits=splits, betas=betas)
+                                                           alphas=alphas, splits=splits, betas=betas)
         kink = kinks(ctx, root_bounds)
         bounds = apply_splits(root_bounds, splits, kink)
         row = _decisive(rows, d)
