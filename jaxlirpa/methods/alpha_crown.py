@@ -155,4 +155,4 @@ def _meet_learning_fresh(fresh: Interval, best: Interval) -> Interval:
 
 def _value_with_gradient_of(value, source):
     """``value`` exactly, with the gradient of ``source`` (none where it is not finite)."""
-    return value + jnp.where(jnp.isfinite(source), source - jax.lax.stop_gradient(source), 0.0)
+    return jax.lax.stop_gradient(value) + jnp.where(jnp.isfinite(source), source - jax.lax.stop_gradient(source), 0.0)
