@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxlirpa import graph as graph_lib
 from jaxlirpa.methods import METHODS, AlphaOptions, bound_flat
+from jaxlirpa.methods.alpha_crown import first_bounds, row_count
 from jaxlirpa.methods.context import Context
 from jaxlirpa.rules.base import lookup
 from jaxlirpa.sets import Region, as_set, sets_per_leaf
@@ -93,41 +94,83 @@ def _cached(key, build):
 
 
 def _compiled(graph, method: str, spec_batched: bool | None, alpha: AlphaOptions | None, warm: bool,
-              batch_size: int | None):
+              batch_size: int | None, sizes: tuple | None = None):
     """A jitted bound computation for this graph structure, vmapped over the
-    batch, or over chunks of ``batch_size`` examples one chunk at a time."""
+    batch, or over chunks of ``batch_size`` examples one chunk at a time.
+    ``sizes``: alpha-CROWN's static row counts (then it takes CROWN's first bounds)."""
 
     def build():
-        def one(consts, region: Region, C, slopes):
+        def one(consts, region: Region, C, slopes, first):
             ctx = Context(graph, consts, [region.center], {graph.perturbed_inputs[0]: region})
-            b, slopes = bound_flat(ctx, method, C, alpha, slopes)
+            b, slopes = bound_flat(ctx, method, C, alpha, slopes, first, None if sizes is None else dict(sizes))
             return b.lower, b.upper, slopes
 
-        def run(consts, region, C, slopes):
-            per_example = (region, C if spec_batched else None, slopes if warm else None)
-            f = lambda ex: one(consts, ex[0], C if not spec_batched else ex[1], ex[2])
-            if batch_size is None:
-                return jax.vmap(f)(per_example)
-            return jax.lax.map(f, per_example, batch_size=batch_size)
+        def run(consts, region, C, slopes, first):
+            per_example = (region, C if spec_batched else None, slopes if warm else None, first)
+            f = lambda ex: one(consts, ex[0], C if not spec_batched else ex[1], ex[2], ex[3])
+            return _per_example(f, per_example, batch_size)
 
         return run
 
-    return _cached((graph.signature, method, spec_batched, alpha, warm, batch_size), build)
+    return _cached((graph.signature, method, spec_batched, alpha, warm, batch_size, sizes), build)
 
 
-def _compiled_joint(graph, method: str, alpha: AlphaOptions | None, warm: bool):
+def _per_example(f, per_example, batch_size):
+    if batch_size is None:
+        return jax.vmap(f)(per_example)
+    return jax.lax.map(f, per_example, batch_size=batch_size)
+
+
+def _compiled_first(graph, batch_size: int | None):
+    """A jitted CROWN pass giving alpha-CROWN's first bounds and unstable counts per example."""
+
+    def build():
+        def run(consts, region):
+            one = lambda r: first_bounds(Context(graph, consts, [r.center], {graph.perturbed_inputs[0]: r}))
+            return _per_example(one, region, batch_size)
+
+        return run
+
+    return _cached((graph.signature, "first", batch_size), build)
+
+
+def _compiled_joint(graph, method: str, alpha: AlphaOptions | None, warm: bool, sizes: tuple | None = None):
     """A jitted bound computation of a pytree's graph: one joint set, no batch axis."""
 
     def build():
-        def run(consts, leaves, regions, C, slopes):
+        def run(consts, leaves, regions, C, slopes, first):
             ctx = Context(graph, consts, leaves, dict(zip(graph.perturbed_inputs, regions)))
-            b, slopes = bound_flat(ctx, method, C, alpha, slopes if warm else None)
+            b, slopes = bound_flat(ctx, method, C, alpha, slopes if warm else None, first,
+                                   None if sizes is None else dict(sizes))
             return b.lower, b.upper, slopes
 
         return run
 
-    key = ("joint", graph.signature, tuple(graph.perturbed_inputs), method, alpha, warm)
+    key = ("joint", graph.signature, tuple(graph.perturbed_inputs), method, alpha, warm, sizes)
     return _cached(key, build)
+
+
+def _compiled_joint_first(graph):
+    def build():
+        return lambda consts, leaves, regions: first_bounds(
+            Context(graph, consts, leaves, dict(zip(graph.perturbed_inputs, regions))))
+
+    return _cached(("joint-first", graph.signature, tuple(graph.perturbed_inputs)), build)
+
+
+def _sparse_rows(graph, method: str, alpha: AlphaOptions | None, first_run, *args):
+    """alpha-CROWN's first CROWN bounds and static row counts (``(v, rows)`` pairs) from
+    the unstable neurons of every example (one host read per call, before the
+    optimisation), or ``(None, None)`` when that cannot or need not be done: another
+    method, options that re-bound nothing, or traced arguments (under an outer jit)."""
+    opts = alpha or AlphaOptions()
+    if method != "alpha-crown" or not (opts.optimize_intermediate and opts.sparse_intermediate):
+        return None, None
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(args)):
+        return None, None
+    first, counts = first_run(*args)
+    sizes = tuple((v, row_count(int(np.max(c)), int(np.prod(graph.avals[v].shape)))) for v, c in sorted(counts.items()))
+    return first, sizes
 
 
 def _check_rules(graph) -> None:
@@ -211,9 +254,11 @@ def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None,
         if alpha_init is not None and not isinstance(alpha_init, list):
             raise TypeError("alpha_init for a pytree of outputs is the list of alphas an earlier result returned.")
     C = _check_spec(spec, x.shape[0], int(np.prod(out.shape[1:])), out.dtype) if hasattr(out, "shape") else None
-    run = _compiled(graph, method, None if C is None else C.ndim == 3, alpha, alpha_init is not None, batch_size)
     try:
-        lower, upper, slopes = run(consts, region, C, alpha_init)
+        first, sizes = _sparse_rows(graph, method, alpha, _compiled_first(graph, batch_size), consts, region)
+        run = _compiled(graph, method, None if C is None else C.ndim == 3, alpha, alpha_init is not None,
+                        batch_size, sizes)
+        lower, upper, slopes = run(consts, region, C, alpha_init, first)
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
@@ -253,8 +298,9 @@ def _bound_pytree(fn, tree, eps_or_set, method, spec, alpha, alpha_init) -> Boun
     graph, consts = graph_lib.trace(flat_fn, leaves, [s is not None for s in sets])
     _check_rules(graph)
     C = _check_spec(spec, None, int(np.prod(out.shape)), out.dtype)
-    run = _compiled_joint(graph, method, alpha, alpha_init is not None)
-    lower, upper, slopes = run(consts, leaves, regions, C, alpha_init)
+    first, sizes = _sparse_rows(graph, method, alpha, _compiled_joint_first(graph), consts, leaves, regions)
+    run = _compiled_joint(graph, method, alpha, alpha_init is not None, sizes)
+    lower, upper, slopes = run(consts, leaves, regions, C, alpha_init, first)
     if C is None:
         lower, upper = lower.reshape(out.shape), upper.reshape(out.shape)
     return Bounds(lower, upper, slopes)

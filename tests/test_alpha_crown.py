@@ -102,6 +102,77 @@ def test_alpha_options_validate():
         jaxlirpa.bound(net, X, EPS, method="crown", alpha=jaxlirpa.AlphaOptions())
 
 
+def test_sparse_rows_change_no_bound_and_keep_alphas_full_sized():
+    """Re-bounding only the unstable neurons (the default) follows the same optimisation as
+    re-bounding all of them (plain gradient steps: Adam would turn float noise in a zero
+    gradient into full steps), and the alphas of either run warm-start the other."""
+    from jaxlirpa.api import _compiled_first, _sparse_rows, trace_per_example
+
+    eps = EPS / 2
+    graph, consts, _ = trace_per_example(net, X)
+    _, sizes = _sparse_rows(graph, "alpha-crown", None, _compiled_first(graph, None), consts,
+                            jaxlirpa.LinfBall(eps).region(X))
+    assert [rows for _, rows in sizes] == [10]  # of 24 neurons
+    sgd = optax.sgd(0.02)
+    sparse_opts = jaxlirpa.AlphaOptions(iterations=8, optimizer=sgd)
+    dense_opts = jaxlirpa.AlphaOptions(iterations=8, optimizer=sgd, sparse_intermediate=False)
+    crown = jaxlirpa.bound(net, X, eps, method="crown")
+    sparse = jaxlirpa.bound(net, X, eps, method="alpha-crown", alpha=sparse_opts)
+    dense = jaxlirpa.bound(net, X, eps, method="alpha-crown", alpha=dense_opts)
+    width = float(np.max(crown.upper - crown.lower))
+    assert np.sum(crown.upper - crown.lower) - np.sum(sparse.upper - sparse.lower) > 1e-2
+    np.testing.assert_allclose(sparse.lower, dense.lower, atol=1e-5 * width)
+    np.testing.assert_allclose(sparse.upper, dense.upper, atol=1e-5 * width)
+    shapes = lambda b: jax.tree_util.tree_map(jnp.shape, b.alphas)  # noqa: E731
+    assert shapes(sparse) == shapes(dense)
+    for warm, opts in ((sparse, dense_opts), (dense, sparse_opts)):
+        again = jaxlirpa.bound(net, X, eps, method="alpha-crown", alpha=opts, alpha_init=warm.alphas)
+        assert np.all(again.lower >= crown.lower - 1e-5) and np.sum(again.lower) >= np.sum(warm.lower) - 1e-4
+
+
+def bias_conv_net(x):
+    """A dense layer with a bias (identity rows pass the ``add``) and a convolution
+    (whose identity rows start as patches) before ReLUs."""
+    h = jax.nn.relu(x @ W1 + 0.1) @ W2 + jnp.linspace(-1, 1, 24)
+    c = jax.lax.conv_general_dilated(h.reshape(-1, 1, 4, 6), jnp.ones((2, 1, 2, 2)) / 4, (1, 1), "VALID")
+    return jnp.concatenate([jax.nn.relu(h), jax.nn.relu(c).reshape(-1, 30)], -1)
+
+
+def test_selected_rows_are_crown_rows_and_skip_patch_starts():
+    """A :class:`Selected` start pulls back exactly those rows of the identity (bias ``add``
+    included); a convolution's output is no sparse candidate (its rows start as patches)."""
+    from jaxlirpa.api import trace_per_example
+    from jaxlirpa.methods.alpha_crown import first_bounds, sparse_candidates, unstable
+    from jaxlirpa.methods.context import Context
+    from jaxlirpa.methods.crown import crown_intervals, interval_of, selected_interval
+
+    graph, consts, _ = trace_per_example(bias_conv_net, X)
+    region = jax.tree_util.tree_map(lambda a: a[0], jaxlirpa.LinfBall(EPS).region(X))
+    ctx = Context(graph, consts, [region.center], {graph.perturbed_inputs[0]: region})
+    (v,) = sparse_candidates(ctx)
+    assert ctx.graph.avals[v].shape == (1, 24)  # the pre-activation of the dense layer, not the conv's
+    first, counts = first_bounds(ctx)
+    mask = np.asarray(unstable(ctx, first, v)).reshape(1, 24)
+    assert 0 < int(counts[v]) == mask.sum() < 24
+    index = jnp.asarray(np.flatnonzero(mask))
+    bounds = crown_intervals(ctx)
+    full = interval_of(ctx, v, bounds)
+    ref = jax.tree_util.tree_map(lambda a: a + 100.0, full)
+    got = selected_interval(ctx, v, bounds, index, ref)
+    for side in (0, 1):
+        np.testing.assert_allclose(np.asarray(got[side])[mask], np.asarray(full[side])[mask], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(got[side])[~mask], np.asarray(ref[side])[~mask])
+
+
+def test_row_count_rounds_up_with_little_spare():
+    from jaxlirpa.methods.alpha_crown import row_count
+
+    counts = np.arange(1, 3000)
+    rows = np.array([row_count(int(c), 4096) for c in counts])
+    assert row_count(0, 10) == 0 and row_count(50, 40) == 40
+    assert np.all(rows >= counts) and np.all(rows <= 1.25 * counts) and len(set(rows)) < 60
+
+
 # Smooth activations: tanh, exp, a convex power and a concave log have optimisable tangent
 # points (sigmoid shares tanh's code: the oracle case covers it); the product's plane
 # weights ride along.

@@ -48,9 +48,10 @@ def _fused_spec(ctx: Context, out, A, bounds, linear=None) -> Interval:
     return Interval(*concretize(ctx, at_inputs, lbias, ubias))
 
 
-def bound_flat(ctx: Context, method: str, C, alpha: AlphaOptions | None = None, warm=None):
+def bound_flat(ctx: Context, method: str, C, alpha: AlphaOptions | None = None, warm=None, first=None, sizes=None):
     """Bounds of ``C @ flat(output)`` (or of the flat output when C is None) for one
     example, and alpha-CROWN's optimised slopes (None for other methods).
+    ``first`` and ``sizes``: alpha-CROWN's sparse intermediate bounds (``alpha_crown``).
 
     A graph with several outputs (``fn`` returned a pytree; no spec) gets the flat
     outputs one after another, sharing the intermediate bounds: one pass of the
@@ -59,10 +60,10 @@ def bound_flat(ctx: Context, method: str, C, alpha: AlphaOptions | None = None, 
     if len(outs) > 1:
         if method == "alpha-crown":
             warm = warm or [None] * len(outs)
-            found = [_bound_one(ctx, o, method, None, alpha, w) for o, w in zip(outs, warm)]
+            found = [_bound_one(ctx, o, method, None, alpha, w, first, sizes) for o, w in zip(outs, warm)]
             return _join([b for b, _ in found]), [s for _, s in found]
         return _join(_one_shot(ctx, method, None, outs)), None
-    return _bound_one(ctx, outs[0], method, C, alpha, warm)
+    return _bound_one(ctx, outs[0], method, C, alpha, warm, first, sizes)
 
 
 def _join(parts: list[Interval]) -> Interval:
@@ -71,7 +72,7 @@ def _join(parts: list[Interval]) -> Interval:
     return Interval(cat([b.lower for b in parts]), cat([b.upper for b in parts]))
 
 
-def _bound_one(ctx: Context, out, method: str, C, alpha: AlphaOptions | None, warm):
+def _bound_one(ctx: Context, out, method: str, C, alpha: AlphaOptions | None, warm, first=None, sizes=None):
     if not ctx.graph.is_perturbed(out):
         v = ctx.value(out).reshape(-1)
         return (Interval(v, v) if C is None else Interval(C @ v, C @ v)), None
@@ -80,12 +81,12 @@ def _bound_one(ctx: Context, out, method: str, C, alpha: AlphaOptions | None, wa
         A = jnp.eye(int(np.prod(shape)), dtype=dtype) if C is None else C
         A, opts = A.reshape(A.shape[0], *shape), alpha or AlphaOptions()
         if opts.bound != "both":
-            return alpha_crown(ctx, out, A, opts, warm)[:2]
+            return alpha_crown(ctx, out, A, opts, warm, first, sizes)[:2]
         # Like auto_LiRPA, lower and upper bounds are optimised in separate runs:
         # jointly, the shared intermediate slopes would have to compromise.
         warm = warm or {"lower": None, "upper": None}
-        lo, slopes_lo, _ = alpha_crown(ctx, out, A, dataclasses.replace(opts, bound="lower"), warm["lower"])
-        hi, slopes_hi, _ = alpha_crown(ctx, out, A, dataclasses.replace(opts, bound="upper"), warm["upper"])
+        lo, slopes_lo, _ = alpha_crown(ctx, out, A, dataclasses.replace(opts, bound="lower"), warm["lower"], first, sizes)
+        hi, slopes_hi, _ = alpha_crown(ctx, out, A, dataclasses.replace(opts, bound="upper"), warm["upper"], first, sizes)
         return Interval(lo.lower, hi.upper), {"lower": slopes_lo, "upper": slopes_hi}
     return _one_shot(ctx, method, C, [out])[0], None
 

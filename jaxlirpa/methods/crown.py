@@ -7,6 +7,8 @@ rules) come from CROWN itself, in topological order, or from IBP (CROWN-IBP).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,14 +27,26 @@ IDENTITY = object()
 """Stands for the identity rows of a variable until a rule needs them as an array."""
 
 
-def _identity_step(ctx: Context, eqn, ops):
-    """Pull identity rows through ``eqn`` by the rule's shortcut, if it has one."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Selected:
+    """The identity rows of some elements of a variable only (flat ``index``, shape
+    ``(rows,)``): alpha-CROWN re-bounds just the neurons whose bounds still matter."""
+
+    index: jax.Array
+
+
+def _identity_step(ctx: Context, eqn, ops, start):
+    """Pull identity rows (``IDENTITY`` or :class:`Selected`) through ``eqn`` by the
+    rule's shortcut, if it has one."""
     shortcut = getattr(ctx.rule(eqn), "pull_identity", None)
     found = shortcut(eqn, ops) if shortcut is not None else None
     if found is None:
         return None
     A, bias = found
-    A = IDENTITY if A is None else A
+    if isinstance(start, Selected):
+        A, bias = (start if A is None else A[start.index]), bias[start.index]
+    elif A is None:
+        A = IDENTITY
     return [(A, A) if isinstance(o, Perturbed) else None for o in ops], bias, bias
 
 
@@ -42,6 +56,8 @@ def _dense(pair, aval):
     def one(A):
         if A is IDENTITY:
             return identity_rows(aval)
+        if isinstance(A, Selected):
+            return jax.nn.one_hot(A.index, int(np.prod(aval.shape)), dtype=aval.dtype).reshape(-1, *aval.shape)
         return A.dense(aval.shape) if isinstance(A, Patches) else A
 
     lA = one(pair[0])
@@ -57,7 +73,8 @@ def _merge(old, new, aval):
 
 
 def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset(), seeds=None, seen=None):
-    """Push ``lA``/``uA`` (shape ``(rows, *target.shape)``, or both ``IDENTITY``) back to
+    """Push ``lA``/``uA`` (shape ``(rows, *target.shape)``, or both ``IDENTITY`` or one
+    :class:`Selected`) back to
     the inputs, or to the variables in ``stop``. Returns ``({var: (lA, uA)}, lower bias, upper bias)``;
     at the inputs, ``lA``/``uA`` may be :class:`Patches` (``Context.concretize`` takes them).
 
@@ -80,7 +97,9 @@ def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset(), seeds
         if isinstance(A_l, Patches) or isinstance(A_u, Patches):
             step = patches.pull(ctx, eqn, ops, A_l, A_u)
         elif A_l is IDENTITY:
-            step = patches.start(ctx, eqn, ops) or _identity_step(ctx, eqn, ops)
+            step = patches.start(ctx, eqn, ops) or _identity_step(ctx, eqn, ops, A_l)
+        elif isinstance(A_l, Selected):
+            step = _identity_step(ctx, eqn, ops, A_l)
         if step is None:
             A_l, A_u = _dense((A_l, A_u), ctx.graph.avals[out])
             rule = ctx.rule(eqn)
@@ -95,7 +114,7 @@ def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset(), seeds
             if g is not None:
                 pending[v] = _merge(pending.get(v), g, ctx.graph.avals[v])
     for v, pair in list(pending.items()):
-        if v not in ctx.regions or pair[0] is IDENTITY:
+        if v not in ctx.regions or pair[0] is IDENTITY or isinstance(pair[0], Selected):
             pending[v] = _dense(pair, ctx.graph.avals[v])
     return pending, lbias, ubias
 
@@ -126,6 +145,16 @@ def interval_of(ctx: Context, v: int, bounds) -> Interval:
     return Interval(lo.reshape(aval.shape), hi.reshape(aval.shape))
 
 
+def selected_interval(ctx: Context, v: int, bounds, index: jax.Array, reference: Interval) -> Interval:
+    """CROWN bounds of the elements ``index`` (flat) of ``v``, ``reference``'s elsewhere."""
+    if index.shape[0] == 0:
+        return reference
+    rows = Selected(index)
+    lo, hi = backward(ctx, v, rows, rows, bounds)
+    put = lambda ref, new: ref.reshape(-1).at[index].set(new).reshape(ref.shape)  # noqa: E731
+    return Interval(put(reference.lower, lo), put(reference.upper, hi))
+
+
 def needed_intervals(ctx: Context, bounds, compute) -> dict[int, Interval]:
     """Fill ``bounds`` for the inputs of every rule that reads them, in order.
 
@@ -150,21 +179,29 @@ def needed_intervals(ctx: Context, bounds, compute) -> dict[int, Interval]:
 
 
 def crown_intervals(ctx: Context, reference: dict[int, Interval] | None = None,
-                    combine=None) -> dict[int, Interval]:
+                    combine=None, rows: dict[int, jax.Array] | None = None) -> dict[int, Interval]:
     """CROWN bounds on the inputs of every nonlinear rule, met with ``reference``
     (IBP's by default; alpha-CROWN passes its best bounds so far): where IBP is
     exact (the first linear layer on a box) the reference is taken as it is,
     elsewhere each element keeps the tighter of the two. (A linear bound can be
     looser than IBP, e.g. of ``2 + x * x``, whose McCormick plane dips below 2:
     met with IBP it stays in the domain of a following ``1 / .``.) ``combine(fresh,
-    reference)`` replaces :func:`meet` (alpha-CROWN's changes only the gradient)."""
+    reference)`` replaces :func:`meet` (alpha-CROWN's changes only the gradient).
+    ``rows`` (``{v: flat index}``) re-bounds only those elements of ``v``."""
     from jaxlirpa.methods.ibp import ibp_exact, ibp_intervals
 
     exact = ibp_exact(ctx)
     ref = ibp_intervals(ctx) if reference is None else reference
-    combine = combine or meet
-    return needed_intervals(ctx, ctx.input_intervals(),
-                            lambda v, b: ref[v] if v in exact else combine(interval_of(ctx, v, b), ref[v]))
+    combine, rows = combine or meet, rows or {}
+
+    def compute(v, bounds):
+        if v in exact:
+            return ref[v]
+        if v in rows:
+            return combine(selected_interval(ctx, v, bounds, rows[v], ref[v]), ref[v])
+        return combine(interval_of(ctx, v, bounds), ref[v])
+
+    return needed_intervals(ctx, ctx.input_intervals(), compute)
 
 
 def meet(a: Interval, b: Interval) -> Interval:

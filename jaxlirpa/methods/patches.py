@@ -120,7 +120,7 @@ def _canonical(shape, spec) -> np.ndarray:
     return np.transpose(np.arange(int(np.prod(shape))).reshape(shape), spec)[0]
 
 
-def _plain_conv(ctx, eqn, ops) -> bool:
+def plain_conv(ctx, eqn, ops) -> bool:
     """A convolution of the perturbed example (batch 1) with a constant kernel, no input dilation."""
     p = eqn.params
     return (eqn.prim is P.conv_general_dilated_p and isinstance(ops[0], Perturbed)
@@ -179,7 +179,7 @@ def _compose(A, eqn, W) -> jax.Array:
 def start(ctx, eqn, ops):
     """The identity rows of a convolution's output pulled onto its input, as patches:
     ``(per-operand (lA, uA) or None, lower bias, upper bias)``, or None."""
-    if not _plain_conv(ctx, eqn, ops):
+    if not plain_conv(ctx, eqn, ops):
         return None
     p = eqn.params
     lhs_spec, _, out_spec = p["dimension_numbers"]
@@ -271,7 +271,7 @@ def pull(ctx, eqn, ops, pl: Patches | None, pu: Patches | None):
         return grads, lb, ub
     if not isinstance(rule, LinearRule):
         return None
-    if _plain_conv(ctx, eqn, ops):
+    if plain_conv(ctx, eqn, ops):
         found = _through_conv(eqn, ops[1], frame)
         if found is None:
             return None
