@@ -270,7 +270,7 @@ def _child_alpha(cfg, jaxlirpa, f, x, eps, kw, rec, rss0) -> dict:
     _emit(phase="run")
     rec.update(timed(opts))
     rec["trace_s"], rec["compile_s"] = None, rec["first_call_s"] - rec["median_s"]
-    rec["rss_run_mb"] = _maxrss_mb() - rss0
+    rec["rss_base_mb"], rec["rss_run_mb"] = rss0, _maxrss_mb() - rss0
     b = jaxlirpa.bound(f, x, eps, method="alpha-crown", alpha=opts, **kw)
     rec["finite"] = bool(np.isfinite(np.asarray(b.lower)).all() and np.isfinite(np.asarray(b.upper)).all())
     rec["mean_width"] = float(np.mean(np.asarray(b.upper) - np.asarray(b.lower)))

@@ -96,9 +96,14 @@ class Slopes:
         self.init: dict[str, jax.Array] = {}
         self.ranges: dict[str, tuple] = {}
 
-    def get(self, position, start, rule, eqn, ops, rows):
+    def get(self, position, start, rule, eqn, ops, rows, unfold=None):
+        """The slopes of ``rule`` at ``eqn`` for rows of ``start``: ``(2, rows, *shape)``
+        (lower pass, upper pass), ``shape`` the output's, or its window layout when
+        ``unfold`` (patches) maps output-shaped arrays there."""
         key = f"{position}:{start}"
         init, lo, hi = rule.alpha_start(eqn, ops)
+        if unfold is not None:
+            init, lo, hi = map(unfold, (init, lo, hi))
         self.ranges[key] = (lo, hi)
         if self.values is not None:
             return self.values[key]

@@ -95,7 +95,7 @@ def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset(), seeds
         ops = ctx.operands(eqn, bounds)
         step = None
         if isinstance(A_l, Patches) or isinstance(A_u, Patches):
-            step = patches.pull(ctx, eqn, ops, A_l, A_u)
+            step = patches.pull(ctx, eqn, ops, A_l, A_u, target)
         elif A_l is IDENTITY:
             step = patches.start(ctx, eqn, ops) or _identity_step(ctx, eqn, ops, A_l)
         elif isinstance(A_l, Selected):

@@ -248,13 +248,26 @@ def _map(pl, pu, fn, frame):
     return tuple(None if q is None else Patches(fn(q.A), frame) for q in (pl, pu))
 
 
+def _optimised_lines(rule, eqn, ops, frame: Frame, fixed: Relaxation, slope) -> Relaxation:
+    """The lines of a ``lower_line`` rule in the window layout at slopes ``slope`` of shape
+    ``(O, *Y, C, *K)``: one per patch entry, alpha-CROWN's free parameters for patches
+    (a slope per row and neuron of the window it reads, not per row and every neuron);
+    ``fixed``: CROWN's lines unfolded, whose upper line stays."""
+    x, params = rule.split(eqn, ops)
+    shape, inside = eqn.out_avals[0].shape, frame.window()[1]
+    unfold = lambda t: frame.unfold(jnp.broadcast_to(t, shape))  # noqa: E731
+    lw, lb = rule.lower_line(*map(unfold, x.interval), *[unfold(p) if jnp.ndim(p) else p for p in params], slope=slope)
+    return Relaxation(jnp.where(inside, lw, 0), jnp.where(inside, lb, 0), fixed.uw, fixed.ub)
+
+
 def _bias(q, x):
     return 0.0 if q is None else q.dot(x)
 
 
-def pull(ctx, eqn, ops, pl: Patches | None, pu: Patches | None):
+def pull(ctx, eqn, ops, pl: Patches | None, pu: Patches | None, target: int):
     """Patches on ``eqn``'s output pulled onto its one perturbed operand, in
-    :meth:`Rule.backward`'s format, or None where the patches form does not apply."""
+    :meth:`Rule.backward`'s format, or None where the patches form does not apply.
+    ``target``: the variable whose rows these are (it keys alpha-CROWN's slopes)."""
     perturbed = [i for i, o in enumerate(ops) if isinstance(o, Perturbed)]
     if len(perturbed) != 1:
         return None
@@ -262,10 +275,18 @@ def pull(ctx, eqn, ops, pl: Patches | None, pu: Patches | None):
     same_shape = tuple(eqn.in_avals[i].shape) == tuple(eqn.out_avals[0].shape)
     grads = [None] * len(ops)
     if isinstance(rule, ElementwiseRule) and same_shape:
-        if type(rule).backward is not ElementwiseRule.backward or (ctx.slopes is not None and rule.optimizable):
-            return None  # a rule with its own backward, or alpha-CROWN's slopes: the dense form
+        if type(rule).backward is not ElementwiseRule.backward:
+            return None  # a rule with its own backward: the dense form
         lines = Relaxation(*map(frame.unfold, rule._relaxation(eqn, ops)))
-        sides = [None if q is None else through_lines(q.A, lines, upper) for q, upper in ((pl, False), (pu, True))]
+        lines = (lines, lines)
+        if ctx.slopes is not None and rule.optimizable:
+            if not hasattr(rule, "lower_line"):
+                return None  # tangent points (S-shaped, convex functions): the dense form
+            alpha = ctx.slopes.get(ctx.position[eqn], target, rule, eqn, ops, frame.rows.shape[0], frame.unfold)
+            if alpha is not None:
+                lines = tuple(_optimised_lines(rule, eqn, ops, frame, lines[0], a) for a in alpha)
+        sides = [None if q is None else through_lines(q.A, r, upper)
+                 for q, r, upper in ((pl, lines[0], False), (pu, lines[1], True))]
         grads[i] = tuple(None if s is None else Patches(s[0], frame) for s in sides)
         lb, ub = (0.0 if s is None else frame.row_sums(s[1]) for s in sides)
         return grads, lb, ub
