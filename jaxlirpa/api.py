@@ -159,9 +159,9 @@ def _compiled_joint_first(graph):
 
 
 def _sparse_rows(graph, method: str, alpha: AlphaOptions | None, first_run, *args):
-    """alpha-CROWN's first CROWN bounds and static row counts (``(v, rows)`` pairs) from
-    the unstable neurons of every example (one host read per call, before the
-    optimisation), or ``(None, None)`` when that cannot or need not be done: another
+    """alpha-CROWN's first CROWN bounds and the static sizes of its sparse passes (``(key,
+    size)`` pairs, see ``alpha_crown.first_bounds``), the largest over the examples (one host
+    read per call, before the optimisation), or ``(None, None)`` when that cannot or need not be done: another
     method, options that re-bound nothing, or traced arguments (under an outer jit)."""
     opts = alpha or AlphaOptions()
     if method != "alpha-crown" or not (opts.optimize_intermediate and opts.sparse_intermediate):
@@ -169,7 +169,7 @@ def _sparse_rows(graph, method: str, alpha: AlphaOptions | None, first_run, *arg
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(args)):
         return None, None
     first, counts = first_run(*args)
-    sizes = tuple((v, row_count(int(np.max(c)), int(np.prod(graph.avals[v].shape)))) for v, c in sorted(counts.items()))
+    sizes = tuple(sorted((key, row_count(int(np.max(c)), key[2])) for key, c in counts.items()))
     return first, sizes
 
 

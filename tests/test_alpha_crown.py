@@ -103,16 +103,17 @@ def test_alpha_options_validate():
 
 
 def test_sparse_rows_change_no_bound_and_keep_alphas_full_sized():
-    """Re-bounding only the unstable neurons (the default) follows the same optimisation as
-    re-bounding all of them (plain gradient steps: Adam would turn float noise in a zero
-    gradient into full steps), and the alphas of either run warm-start the other."""
+    """Re-bounding only the unstable neurons and dropping the columns of inactive ones (the
+    default) follows the same optimisation as the dense passes (plain gradient steps: Adam
+    would turn float noise in a zero gradient into full steps), and the alphas of either
+    run warm-start the other."""
     from jaxlirpa.api import _compiled_first, _sparse_rows, trace_per_example
 
     eps = EPS / 2
     graph, consts, _ = trace_per_example(net, X)
     _, sizes = _sparse_rows(graph, "alpha-crown", None, _compiled_first(graph, None), consts,
                             jaxlirpa.LinfBall(eps).region(X))
-    assert [rows for _, rows in sizes] == [10]  # of 24 neurons
+    assert [(kind, k) for (kind, _, _), k in sizes] == [("columns", 20), ("rows", 10)]  # of 24 neurons
     sgd = optax.sgd(0.02)
     sparse_opts = jaxlirpa.AlphaOptions(iterations=8, optimizer=sgd)
     dense_opts = jaxlirpa.AlphaOptions(iterations=8, optimizer=sgd, sparse_intermediate=False)
@@ -139,7 +140,7 @@ def bias_conv_net(x):
 
 
 def test_selected_rows_are_crown_rows_and_skip_patch_starts():
-    """A :class:`Selected` start pulls back exactly those rows of the identity (bias ``add``
+    """An :class:`OnElements` start pulls back exactly those rows of the identity (bias ``add``
     included); a convolution's output is no sparse candidate (its rows start as patches)."""
     from jaxlirpa.api import trace_per_example
     from jaxlirpa.methods.alpha_crown import first_bounds, sparse_candidates, unstable
@@ -153,7 +154,7 @@ def test_selected_rows_are_crown_rows_and_skip_patch_starts():
     assert ctx.graph.avals[v].shape == (1, 24)  # the pre-activation of the dense layer, not the conv's
     first, counts = first_bounds(ctx)
     mask = np.asarray(unstable(ctx, first, v)).reshape(1, 24)
-    assert 0 < int(counts[v]) == mask.sum() < 24
+    assert 0 < int(counts[("rows", v, 24)]) == mask.sum() < 24
     index = jnp.asarray(np.flatnonzero(mask))
     bounds = crown_intervals(ctx)
     full = interval_of(ctx, v, bounds)
@@ -162,6 +163,23 @@ def test_selected_rows_are_crown_rows_and_skip_patch_starts():
     for side in (0, 1):
         np.testing.assert_allclose(np.asarray(got[side])[mask], np.asarray(full[side])[mask], rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(np.asarray(got[side])[~mask], np.asarray(ref[side])[~mask])
+
+
+def test_kept_columns_and_their_gradient_are_plain_indexing():
+    """Columns kept through a permutation (whose gradient gathers by the inverse) give the
+    value and the VJP of plain column indexing."""
+    from jaxlirpa.methods.crown import Columns, _take_columns
+
+    A = jax.random.normal(KEY, (5, 12))
+    dead = jnp.arange(12) % 3 == 0
+    order = jnp.argsort(dead, stable=True)
+    keep = Columns(order, jnp.argsort(order), 8)
+    np.testing.assert_array_equal(keep.index, np.flatnonzero(~np.asarray(dead)))
+    g = jax.random.normal(jax.random.key(9), (5, 8))
+    ours = jax.vjp(lambda a: _take_columns(a, keep), A)
+    plain = jax.vjp(lambda a: a[:, keep.index], A)
+    np.testing.assert_array_equal(ours[0], plain[0])
+    np.testing.assert_array_equal(ours[1](g)[0], plain[1](g)[0])
 
 
 def test_row_count_rounds_up_with_little_spare():

@@ -32,7 +32,7 @@ import optax
 
 from jaxlirpa.methods import patches
 from jaxlirpa.methods.context import Context
-from jaxlirpa.methods.crown import IDENTITY, _identity_step, backward, crown_intervals, meet
+from jaxlirpa.methods.crown import IDENTITY, Columns, _shortcut_step, backward, crown_intervals, meet
 from jaxlirpa.rules.base import Interval, Perturbed
 
 
@@ -135,7 +135,7 @@ def _dense_start(ctx: Context, v: int) -> bool:
         ops = ctx.operands(eqn)
         if patches.plain_conv(ctx, eqn, ops):
             return False
-        step = _identity_step(ctx, eqn, ops, IDENTITY)
+        step = _shortcut_step(ctx, eqn, ops, IDENTITY, IDENTITY)
         identity = [v for v, g in zip(eqn.inputs, step[0] if step else []) if g is not None and g[0] is IDENTITY]
         if not identity:
             return True
@@ -154,11 +154,35 @@ def unstable(ctx: Context, bounds, v: int) -> jax.Array:
     return mask
 
 
+def column_candidates(ctx: Context) -> list:
+    """Rules that hold some of their inputs constant (``flat``: a ReLU's inactive neurons)
+    on a dense-start input: rows pulled through them are zero in those columns, and the
+    next dense layer needs only the others (crown.OnElements)."""
+    def source(eqn):
+        return next(v for v in eqn.inputs if ctx.graph.is_perturbed(v))
+
+    return [e for e in ctx.perturbed_eqns
+            if hasattr(ctx.rule(e), "flat") and source(e) not in ctx.regions and _dense_start(ctx, source(e))]
+
+
+def flat(ctx: Context, bounds, eqn) -> jax.Array:
+    """Flat mask of the inputs that ``eqn``'s rule holds constant over their bounds."""
+    x, params = ctx.rule(eqn).split(eqn, ctx.operands(eqn, bounds))
+    return jnp.broadcast_to(ctx.rule(eqn).flat(*x.interval, *params), x.interval[0].shape).reshape(-1)
+
+
 def first_bounds(ctx: Context):
-    """CROWN's intermediate bounds, and how many neurons of each sparse candidate are
-    unstable (the caller turns the largest count into a static row count)."""
+    """CROWN's intermediate bounds, and the counts that size alpha-CROWN's sparse passes
+    (the caller turns the largest over examples into static sizes): keyed ``("rows", v,
+    size)``, the unstable neurons of each sparse candidate ``v``, and ``("columns",
+    position, size)``, the inputs each column candidate does not hold constant."""
     first = crown_intervals(ctx)
-    return first, {v: jnp.sum(unstable(ctx, first, v)) for v in sparse_candidates(ctx)}
+    size = lambda v: int(np.prod(ctx.graph.avals[v].shape))  # noqa: E731
+    counts = {("rows", v, size(v)): jnp.sum(unstable(ctx, first, v)) for v in sparse_candidates(ctx)}
+    for eqn in column_candidates(ctx):
+        mask = flat(ctx, first, eqn)
+        counts[("columns", ctx.position[eqn], mask.size)] = jnp.sum(~mask)
+    return first, counts
 
 
 def row_count(unstable_count: int, size: int) -> int:
@@ -171,13 +195,14 @@ def row_count(unstable_count: int, size: int) -> int:
 
 
 def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None = None,
-                first: dict | None = None, sizes: dict[int, int] | None = None):
+                first: dict | None = None, sizes: dict[tuple, int] | None = None):
     """Optimised bounds of ``A @ out``; returns ``(Interval, slopes, intermediate bounds)``
     (slopes for a warm start; the best intermediate bounds found, for branch and bound).
 
-    ``first``: CROWN's intermediate bounds, if already computed; with it, ``sizes``
-    (``{v: rows}``, static) re-bounds only that many neurons of each ``v``, its unstable
-    ones first (see :func:`sparse_candidates`). Slopes come and go full-sized either way."""
+    ``first``: CROWN's intermediate bounds, if already computed; with it, ``sizes`` (static,
+    keyed as :func:`first_bounds` counts) re-bounds only that many neurons of each sparse
+    candidate, its unstable ones first, and keeps that many columns of the rows through
+    each column candidate, its non-constant inputs first. Slopes come and go full-sized."""
     recorder = Slopes()
     ctx.slopes = recorder
     index = {}
@@ -185,7 +210,14 @@ def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None
         first = crown_intervals(ctx)  # CROWN's own bounds, recording its slopes
     else:
         first = jax.lax.stop_gradient(first)
-        index = {v: jax.lax.top_k(unstable(ctx, first, v).astype(jnp.float32), k)[1] for v, k in (sizes or {}).items()}
+        first_of = lambda mask, k: jax.lax.top_k(mask.astype(jnp.float32), k)[1]  # noqa: E731
+        for (kind, at, _), k in (sizes or {}).items():
+            if kind == "rows":
+                index[at] = first_of(unstable(ctx, first, at), k)
+            else:
+                eqn = ctx.perturbed_eqns[at]
+                order = jnp.argsort(flat(ctx, first, eqn), stable=True)  # the non-constant inputs first
+                ctx.columns[eqn] = Columns(order, jnp.argsort(order), k)
         first = crown_intervals(ctx, first, rows=index)  # recording the slopes of the rows kept
     uA = None if opts.bound == "lower" else A
     lA = None if opts.bound == "upper" else A
@@ -231,7 +263,7 @@ def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None
 
     carry = (init, optimizer.init(init), (lo0, hi0), jax.lax.stop_gradient(first), jnp.asarray(0))
     (slopes, _, (lo, hi), prev, _), _ = jax.lax.scan(step, carry, jnp.arange(opts.iterations))
-    ctx.slopes = None
+    ctx.slopes, ctx.columns = None, {}
     for key, s in slopes.items():  # back to full size: rows not kept keep their first value
         if start(key) in index:
             base = recorder.init[key][:, :1] if warm is None else warm[key]

@@ -35,6 +35,7 @@ class Context:
         self._rules = {e: lookup(e, self.perturbed_mask(e)) for e in self.perturbed_eqns}
         self.position = {e: k for k, e in enumerate(self.perturbed_eqns)}
         self.slopes = None  # alpha-CROWN's optimisable slopes (methods/alpha_crown.py), when active
+        self.columns = {}  # alpha-CROWN: {eqn: the input elements its pulled rows keep} (crown.OnElements)
 
     def value(self, operand):
         return operand.value if isinstance(operand, Const) else self.values[operand]

@@ -28,26 +28,88 @@ IDENTITY = object()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Selected:
-    """The identity rows of some elements of a variable only (flat ``index``, shape
-    ``(rows,)``): alpha-CROWN re-bounds just the neurons whose bounds still matter."""
+class OnElements:
+    """Coefficients that are zero except on the elements ``index`` (flat, shape ``(k,)``)
+    of a variable: ``A`` of shape ``(rows, k)``, or, when None, the identity rows of those
+    elements. alpha-CROWN re-bounds just the neurons whose bounds still matter (identity
+    rows) and drops the columns of neurons a ReLU holds constant (rows through it)."""
 
     index: jax.Array
+    A: jax.Array | None = None
+
+    def dense(self, aval) -> jax.Array:
+        n = int(np.prod(aval.shape))
+        if self.A is None:
+            return jax.nn.one_hot(self.index, n, dtype=aval.dtype).reshape(-1, *aval.shape)
+        return jnp.zeros((self.A.shape[0], n), self.A.dtype).at[:, self.index].set(self.A).reshape(-1, *aval.shape)
 
 
-def _identity_step(ctx: Context, eqn, ops, start):
-    """Pull identity rows (``IDENTITY`` or :class:`Selected`) through ``eqn`` by the
-    rule's shortcut, if it has one."""
+def _shortcut_step(ctx: Context, eqn, ops, A_l, A_u):
+    """Pull identity rows or :class:`OnElements` through ``eqn`` by the rule's identity
+    shortcut (a bias ``add``, a dense layer), if it has one."""
     shortcut = getattr(ctx.rule(eqn), "pull_identity", None)
     found = shortcut(eqn, ops) if shortcut is not None else None
     if found is None:
         return None
-    A, bias = found
-    if isinstance(start, Selected):
-        A, bias = (start if A is None else A[start.index]), bias[start.index]
-    elif A is None:
-        A = IDENTITY
-    return [(A, A) if isinstance(o, Perturbed) else None for o in ops], bias, bias
+    J, bias = found  # the identity's rows on the operand (None: still the identity), bias per row
+
+    def one(A):
+        if A is None:
+            return None, 0.0
+        if A is IDENTITY:
+            return (IDENTITY if J is None else J), bias
+        if A.A is None:
+            return (A if J is None else J[A.index]), bias[A.index]
+        if J is None:
+            return A, A.A @ bias[A.index]
+        Jk = J[A.index]
+        return (A.A @ Jk.reshape(Jk.shape[0], -1)).reshape(-1, *Jk.shape[1:]), A.A @ bias[A.index]
+
+    (gl, lb), (gu, ub) = one(A_l), ((None, None) if A_u is A_l else one(A_u))
+    if A_u is A_l:
+        gu, ub = gl, lb
+    return [(gl, gu) if isinstance(o, Perturbed) else None for o in ops], lb, ub
+
+
+def _on_columns(pair, keep):
+    """Dense ``(lA, uA)`` kept on the elements ``keep`` (the others are zero)."""
+    return tuple(None if A is None else OnElements(keep.index, _take_columns(A.reshape(A.shape[0], -1), keep))
+                 for A in pair)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Columns:
+    """The columns a rule's pulled rows keep: ``order``, a permutation of a variable's flat
+    elements with the ``k`` kept ones first, and its inverse (their gradients gather too:
+    XLA's CPU scatter, a gather's plain transpose, ran slower than the matmuls it saved)."""
+
+    order: jax.Array
+    inverse: jax.Array
+    k: int
+
+    @property
+    def index(self) -> jax.Array:
+        return self.order[:self.k]
+
+
+@jax.custom_vjp
+def _permuted(A, order, inverse):
+    return jnp.take(A, order, axis=1)
+
+
+def _permuted_fwd(A, order, inverse):
+    return jnp.take(A, order, axis=1), inverse
+
+
+def _permuted_bwd(inverse, g):
+    return jnp.take(g, inverse, axis=1), None, None
+
+
+_permuted.defvjp(_permuted_fwd, _permuted_bwd)
+
+
+def _take_columns(A, keep: Columns):
+    return _permuted(A, keep.order, keep.inverse)[:, :keep.k]
 
 
 def _dense(pair, aval):
@@ -56,9 +118,7 @@ def _dense(pair, aval):
     def one(A):
         if A is IDENTITY:
             return identity_rows(aval)
-        if isinstance(A, Selected):
-            return jax.nn.one_hot(A.index, int(np.prod(aval.shape)), dtype=aval.dtype).reshape(-1, *aval.shape)
-        return A.dense(aval.shape) if isinstance(A, Patches) else A
+        return A.dense(aval) if isinstance(A, OnElements) else (A.dense(aval.shape) if isinstance(A, Patches) else A)
 
     lA = one(pair[0])
     return (lA, lA) if pair[0] is pair[1] else (lA, one(pair[1]))
@@ -74,7 +134,7 @@ def _merge(old, new, aval):
 
 def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset(), seeds=None, seen=None):
     """Push ``lA``/``uA`` (shape ``(rows, *target.shape)``, or both ``IDENTITY`` or one
-    :class:`Selected`) back to
+    :class:`OnElements`) back to
     the inputs, or to the variables in ``stop``. Returns ``({var: (lA, uA)}, lower bias, upper bias)``;
     at the inputs, ``lA``/``uA`` may be :class:`Patches` (``Context.concretize`` takes them).
 
@@ -97,9 +157,9 @@ def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset(), seeds
         if isinstance(A_l, Patches) or isinstance(A_u, Patches):
             step = patches.pull(ctx, eqn, ops, A_l, A_u, target)
         elif A_l is IDENTITY:
-            step = patches.start(ctx, eqn, ops) or _identity_step(ctx, eqn, ops, A_l)
-        elif isinstance(A_l, Selected):
-            step = _identity_step(ctx, eqn, ops, A_l)
+            step = patches.start(ctx, eqn, ops) or _shortcut_step(ctx, eqn, ops, A_l, A_u)
+        elif isinstance(A_l, OnElements) or isinstance(A_u, OnElements):
+            step = _shortcut_step(ctx, eqn, ops, A_l, A_u)
         if step is None:
             A_l, A_u = _dense((A_l, A_u), ctx.graph.avals[out])
             rule = ctx.rule(eqn)
@@ -110,11 +170,14 @@ def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset(), seeds
                 step = rule.backward(eqn, ops, A_l, A_u)
         grads, lb, ub = step
         lbias, ubias = lbias + lb, ubias + ub
+        keep = ctx.columns.get(eqn)
         for v, g in zip(eqn.inputs, grads):
             if g is not None:
+                if keep is not None and all(a is None or isinstance(a, jax.Array) for a in g):
+                    g = _on_columns(g, keep)
                 pending[v] = _merge(pending.get(v), g, ctx.graph.avals[v])
     for v, pair in list(pending.items()):
-        if v not in ctx.regions or pair[0] is IDENTITY or isinstance(pair[0], Selected):
+        if v not in ctx.regions or any(a is IDENTITY or isinstance(a, OnElements) for a in pair):
             pending[v] = _dense(pair, ctx.graph.avals[v])
     return pending, lbias, ubias
 
@@ -149,7 +212,7 @@ def selected_interval(ctx: Context, v: int, bounds, index: jax.Array, reference:
     """CROWN bounds of the elements ``index`` (flat) of ``v``, ``reference``'s elsewhere."""
     if index.shape[0] == 0:
         return reference
-    rows = Selected(index)
+    rows = OnElements(index)
     lo, hi = backward(ctx, v, rows, rows, bounds)
     put = lambda ref, new: ref.reshape(-1).at[index].set(new).reshape(ref.shape)  # noqa: E731
     return Interval(put(reference.lower, lo), put(reference.upper, hi))

@@ -51,6 +51,10 @@ class MaxWithConstant(ElementwiseRule):
     def slope_range(self, l, u, c):
         return jnp.zeros_like(l), jnp.ones_like(l)
 
+    def flat(self, l, u, c):
+        """Where the output is the constant ``c`` (both lines have slope 0, whatever alpha)."""
+        return u <= c
+
     def lower_line(self, l, u, c, slope):
         """``c + s (x - c)`` with s in [0, 1] where the kink is inside [l, u]."""
         crossing = (l < c) & (u > c)
@@ -72,6 +76,9 @@ class MinWithConstant(ElementwiseRule):
     def relax(self, l, u, c):
         r = self._max.relax(-u, -l, -c)
         return Relaxation(lw=r.uw, lb=-r.ub, uw=r.lw, ub=-r.lb)
+
+    def flat(self, l, u, c):
+        return l >= c
 
 
 class LeakyRelu(ElementwiseRule):
