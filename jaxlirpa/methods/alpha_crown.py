@@ -218,7 +218,9 @@ def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None
                 eqn = ctx.perturbed_eqns[at]
                 order = jnp.argsort(flat(ctx, first, eqn), stable=True)  # the non-constant inputs first
                 ctx.columns[eqn] = Columns(order, jnp.argsort(order), k)
-        first = crown_intervals(ctx, first, rows=index)  # recording the slopes of the rows kept
+        # Records the slopes of the rows kept; its bounds are first's again, so they are
+        # dropped and XLA drops the pass (the slopes' initial values need only first).
+        crown_intervals(ctx, first, rows=index)
     uA = None if opts.bound == "lower" else A
     lA = None if opts.bound == "upper" else A
     lo0, hi0 = backward(ctx, out, lA, uA, first)

@@ -41,22 +41,50 @@ def _apply(prim, eqn, args):
     return out[0] if prim.multiple_results else out
 
 
-def channels_last_conv(lhs, rhs, *, dimension_numbers, **params):
+def channels_last_conv(lhs, rhs, *, dimension_numbers, transposed=False, **params):
     """``conv_general_dilated`` computed in the channels-last layout (NHWC, HWIO),
     transposing in and out. XLA's CPU backend turns other layouts (torch's NCHW) into
     this one outside loops, but not inside a ``while`` body (``lax.map`` chunks,
-    alpha-CROWN's ``lax.scan``), where NCHW convolutions ran about 15x slower; the
-    bound's convolutions and their transposes (VJPs) now take the fast path everywhere."""
+    alpha-CROWN's ``lax.scan``), where they ran up to 15x slower. ``transposed``: lay
+    the kernel out HWOI, for a convolution that is only ever transposed: JAX's
+    transpose rule swaps it into the fast path's HWIO."""
     lhs_spec, rhs_spec, out_spec = dimension_numbers
     nd = len(lhs_spec) - 2
     last = (0, nd + 1, *range(1, nd + 1))
-    canonical = jax.lax.ConvDimensionNumbers(last, (nd + 1, nd, *range(nd)), last)
+    kernel = (nd, nd + 1) if transposed else (nd + 1, nd)
+    canonical = jax.lax.ConvDimensionNumbers(last, (*kernel, *range(nd)), last)
     if tuple(dimension_numbers) == tuple(canonical):
         return P.conv_general_dilated_p.bind(lhs, rhs, dimension_numbers=dimension_numbers, **params)
+    order = (*rhs_spec[2:], *((rhs_spec[0], rhs_spec[1]) if transposed else (rhs_spec[1], rhs_spec[0])))
     out = P.conv_general_dilated_p.bind(jnp.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1])),
-                                        jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])),
-                                        dimension_numbers=canonical, **params)
+                                        jnp.transpose(rhs, order), dimension_numbers=canonical, **params)
     return jnp.transpose(out, np.argsort((out_spec[0], *out_spec[2:], out_spec[1])))
+
+
+def conv_pullback(params: dict, x_aval, kernel):
+    """``A -> A`` pulled back through a convolution of its input (its transpose), with a
+    kernel layout that keeps both this map and its own transpose (the gradient alpha-CROWN
+    takes through it) on XLA:CPU's fast path inside loops: one kernel layout cannot serve
+    both there (the slow one cost 8x on CNN-B's first layer)."""
+    x = jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype)
+
+    def transpose(A, w, transposed):
+        conv = lambda z: channels_last_conv(z, w, **params, transposed=transposed)  # noqa: E731
+        return jax.linear_transpose(conv, x)(A)[0]
+
+    @jax.custom_vjp
+    def pull(A, w):
+        return transpose(A, w, True)
+
+    def pull_fwd(A, w):
+        return pull(A, w), (A, w)
+
+    def pull_bwd(res, g):
+        A, w = res
+        return channels_last_conv(g, w, **params), jax.vjp(lambda v: transpose(A, v, False), w)[1](g)[0]
+
+    pull.defvjp(pull_fwd, pull_bwd)
+    return lambda A: (pull(A, kernel),)
 
 
 def _substitute(ops, values):
@@ -127,7 +155,10 @@ class LinearRule(Rule):
 
     def backward(self, eqn, ops, lA, uA):
         zeros = [jnp.zeros(a.shape, a.dtype) for a in _perturbed_avals(eqn, ops)]
-        y0, pullback = jax.vjp(self.affine(eqn, ops), *zeros)
+        if eqn.prim is P.conv_general_dilated_p and isinstance(ops[0], Perturbed):
+            y0, pullback = jnp.zeros(eqn.out_avals[0].shape, eqn.out_avals[0].dtype), conv_pullback(eqn.params, eqn.in_avals[0], ops[1])
+        else:
+            y0, pullback = jax.vjp(self.affine(eqn, ops), *zeros)
         if eqn.prim in _SCALINGS:
             # A scaling of its one perturbed operand is 0 at 0. Written out, XLA:CPU
             # (jaxlib 0.10.2) turns sum(A * dot(x, zeros)) into garbage or NaN under jit.
