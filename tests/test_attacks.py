@@ -162,7 +162,7 @@ def test_pgd_batched_examples_are_independent(norm, eps):
     together = attack(x, labels, eps)
     eps_i = jnp.broadcast_to(eps, (4,))
     alone = jnp.concatenate([attack(x[i:i + 1], labels[i:i + 1], eps_i[i:i + 1]) for i in range(4)])
-    np.testing.assert_allclose(together, alone, atol=1e-6)
+    np.testing.assert_allclose(together, alone, atol=1e-5)  # float32 sums of another order
 
 
 def test_restarts_keep_best():
