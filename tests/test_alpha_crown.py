@@ -265,6 +265,7 @@ ORACLE_CASES = [
     ("mlp_tanh", 1e-3),
     ("mlp_sigmoid", 1e-3),
     ("mul_exp", 1e-3),
+    ("attention", 1e-3),  # one weight per single product of both matmuls, as auto_LiRPA
 ]
 
 

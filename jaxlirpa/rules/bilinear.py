@@ -28,15 +28,20 @@ excludes 0.
 
 Each McCormick plane is the tangent plane of ``D`` at a corner of the box:
 the lower ones at ``(xl, yl)`` and ``(xu, yu)``, the upper ones at ``(xl, yu)``
-and ``(xu, yl)``. alpha-CROWN optimises, per (start node, row, output element),
+and ``(xu, yl)``. alpha-CROWN optimises, per (start node, row, single product),
 one weight in ``[0, 1]`` for each side: the convex combination ``w * (first
 corner's plane) + (1 - w) * (second's)``, as auto_LiRPA's
-``MulHelper.interpolated_relaxation``. Every single product is bounded by its
-own combination, so for ``dot_general`` and ``conv``, whose products share the
-output element's weight, it is sound too, and stays in the VJP form. ``w = 1``
-gives CROWN's planes. For ``x * x`` the lower combination is raised to the
-tangent at ``t = w xl + (1 - w) xu`` (by ``w (1 - w) (xu - xl)^2``, what
-convexity leaves between them); the upper planes are both the chord.
+``MulHelper.interpolated_relaxation``. ``w = 1`` gives CROWN's planes. For
+``dot_general`` that takes the ``(rows, batch..., F, G, K)`` array of single
+products (as auto_LiRPA's ``BoundMatMul``; one weight per output element, shared
+by its ``K`` products, was 5 % of the width looser on the oracle's attention),
+up to ``Product.max_products`` products per row: a layer's perturbed weights
+(784 x 1024 of them) would need that many per row and re-bounded neuron. Beyond
+it, and for ``conv``, whose products do not line up as an array, the products
+share their output element's weight (sound, as each product is still bounded by
+a combination of its own planes) and stay in the VJP form. For ``x * x`` the lower combination
+is raised to the tangent at ``t = w xl + (1 - w) xu`` (by ``w (1 - w) (xu -
+xl)^2``, what convexity leaves between them); the upper planes are both the chord.
 
 :class:`Product` is registered as an alternative: ``mul`` and ``dot_general``
 with one perturbed operand keep the generic linear rule.
@@ -47,6 +52,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlirpa._compat import lax_primitives as P
 from jaxlirpa.rules.base import Interval, LinearBounds, Rule, _pos_neg, _rowsum, register_alternative
@@ -124,7 +130,8 @@ class Product(Rule):
             A_y = _pull(lambda y: D(xl, y), y_aval, pos + neg)
             bias = -(_rowsum(on_yl * D(xl, yl)) + _rowsum(on_yu * D(xl, yu)))
         else:
-            A_x, A_y, bias = self._interpolated(eqn, ops, on_yl, on_yu, _present_weights(alpha, lA, uA))
+            interpolated = self._interpolated_products if self._per_product(eqn) else self._interpolated
+            A_x, A_y, bias = interpolated(eqn, ops, on_yl, on_yu, _present_weights(alpha, lA, uA))
         split = lambda t: (t[:n] if lA is not None else None, t[n:] if uA is not None else None)
         lbias, ubias = split(bias)
         return [split(A_x), split(A_y)], (0.0 if lbias is None else lbias), (0.0 if ubias is None else ubias)
@@ -146,13 +153,34 @@ class Product(Rule):
             bias = bias + _rowsum(lower_rows * (w[:, 0] * (1 - w[:, 0]) * (xu - xl) ** 2))
         return A_x, A_y, bias
 
+    def _interpolated_products(self, eqn, ops, lower_rows, upper_rows, weights):
+        """:meth:`_interpolated` for ``dot_general`` with one weight per single product,
+        ``weights`` ``(rows, 2, batch..., F, G, K)`` (see :func:`_product_layout`)."""
+        (xl, xu), (yl, yu) = ops[0].interval, ops[1].interval
+        xl, xu, yl, yu = _product_layout(eqn, xl, xu, yl, yu)
+        w = jnp.clip(weights, 0.0, 1.0)
+        per_output = lambda t: t.reshape(t.shape[0], *w.shape[2:-1], 1)  # noqa: E731
+        lower_rows, upper_rows = per_output(lower_rows), per_output(upper_rows)
+        lo1, lo2 = lower_rows * w[:, 0], lower_rows * (1 - w[:, 0])  # corners (xl, yl), (xu, yu)
+        up1, up2 = upper_rows * w[:, 1], upper_rows * (1 - w[:, 1])  # corners (xl, yu), (xu, yl)
+        A_x = jnp.sum((lo1 + up2) * yl + (lo2 + up1) * yu, -2)
+        A_y = jnp.sum((lo1 + up1) * xl + (lo2 + up2) * xu, -3)
+        bias = -_rowsum(lo1 * (xl * yl) + lo2 * (xu * yu) + up1 * (xl * yu) + up2 * (xu * yl))
+        return _operand_from_layout(eqn, 0, A_x), _operand_from_layout(eqn, 1, A_y), bias
+
     # ----------------------------------------------------------- alpha-CROWN
 
     optimizable = True
+    max_products = 2**14  # per row; above it a dot_general's products share their output's weight
+
+    def _per_product(self, eqn) -> bool:
+        """Whether alpha-CROWN weighs ``eqn``'s single products one by one."""
+        return eqn.prim is P.dot_general_p and math.prod(_layout_shape(eqn)) <= self.max_products
 
     def alpha_start(self, eqn, ops):
-        """CROWN's weights (1: the planes at ``(xl, yl)`` and ``(xl, yu)``) and their range."""
-        shape = (2, *eqn.out_avals[0].shape)
+        """CROWN's weights (1: the planes at ``(xl, yl)`` and ``(xl, yu)``) and their range:
+        per single product for a small ``dot_general``, per output element otherwise."""
+        shape = (2, *(_layout_shape(eqn) if self._per_product(eqn) else eqn.out_avals[0].shape))
         dtype = eqn.out_avals[0].dtype
         return jnp.ones(shape, dtype), jnp.zeros(shape, dtype), jnp.ones(shape, dtype)
 
@@ -193,21 +221,37 @@ def _same_variable(eqn) -> bool:
     return isinstance(a, int) and a == b
 
 
+def _operand_order(eqn, i):
+    """The axes of ``dot_general``'s operand ``i`` in the order batch, free, contracted."""
+    contracted, batch = (dims[i] for dims in eqn.params["dimension_numbers"])
+    free = [d for d in range(len(eqn.in_avals[i].shape)) if d not in contracted and d not in batch]
+    return [*batch, *free, *contracted]
+
+
+def _layout_shape(eqn):
+    """``(batch..., F, G, K)``: the single products of ``dot_general`` (:func:`_product_layout`)."""
+    (contracted, _), (batch, _) = eqn.params["dimension_numbers"]
+    nb, nc = len(batch), len(contracted)
+    x, y = ([eqn.in_avals[i].shape[d] for d in _operand_order(eqn, i)] for i in (0, 1))
+    return (*x[:nb], math.prod(x[nb:len(x) - nc]), math.prod(y[nb:len(y) - nc]), math.prod(x[len(x) - nc:]))
+
+
 def _product_layout(eqn, xl, xu, yl, yu):
     """``dot_general`` operands laid out as ``(batch..., F, 1, K)`` and ``(batch..., 1, G, K)``:
     their elementwise products are the single products, ``(batch..., F, G, K)``; summed
     over ``K`` and reshaped they give ``dot_general``'s ``(batch, lhs free, rhs free)`` output."""
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    nx, ny = len(eqn.in_avals[0].shape), len(eqn.in_avals[1].shape)
-    lf = [d for d in range(nx) if d not in lc and d not in lb]
-    rf = [d for d in range(ny) if d not in rc and d not in rb]
-    bshape = tuple(eqn.in_avals[0].shape[d] for d in lb)
-    F = math.prod(eqn.in_avals[0].shape[d] for d in lf)
-    G = math.prod(eqn.in_avals[1].shape[d] for d in rf)
-    K = math.prod(eqn.in_avals[0].shape[d] for d in lc)
-    lhs = lambda t: jnp.transpose(t, list(lb) + lf + list(lc)).reshape(*bshape, F, 1, K)
-    rhs = lambda t: jnp.transpose(t, list(rb) + rf + list(rc)).reshape(*bshape, 1, G, K)
+    *bshape, F, G, K = _layout_shape(eqn)
+    lhs = lambda t: jnp.transpose(t, _operand_order(eqn, 0)).reshape(*bshape, F, 1, K)  # noqa: E731
+    rhs = lambda t: jnp.transpose(t, _operand_order(eqn, 1)).reshape(*bshape, 1, G, K)  # noqa: E731
     return lhs(xl), lhs(xu), rhs(yl), rhs(yu)
+
+
+def _operand_from_layout(eqn, i, rows):
+    """Rows ``(rows, batch..., F or G, K)`` of operand ``i`` in its own shape (the inverse of
+    :func:`_product_layout`, a row axis in front)."""
+    order, shape = _operand_order(eqn, i), eqn.in_avals[i].shape
+    rows = rows.reshape(rows.shape[0], *(shape[d] for d in order))
+    return jnp.transpose(rows, [0, *(1 + int(a) for a in np.argsort(order))])
 
 
 PRODUCT = register_alternative(Product(), P.mul_p, P.dot_general_p, P.conv_general_dilated_p)

@@ -254,21 +254,26 @@ def test_rule_backward_and_forward_are_sound(name):
         assert float(worst) <= 1e-5, (name, same, float(worst))
 
 
-@pytest.mark.parametrize("name", ["mul", "matmul", "conv"])
-def test_interpolated_planes_are_sound_for_any_weights(name):
-    """alpha-CROWN's plane weights: random per (pass, row, side, output element), a third
-    of them outside [0, 1] (the rule must clip them) and a third at exactly 0 or 1, at
-    the sampled points above, for ``x * y``, ``x * x`` (tangent below, chord above), a
-    matmul and a conv (one weight per output element, shared by its products). Rows are
-    signed one-hot, so each output element's planes are checked alone, on both sides.
-    All ones (the start of alpha-CROWN) gives CROWN's bounds."""
+@pytest.mark.parametrize("name,shared", [("mul", False), ("matmul", False), ("dot_general", False),
+                                         ("dot_general", True), ("conv", False)])
+def test_interpolated_planes_are_sound_for_any_weights(name, shared, monkeypatch):
+    """alpha-CROWN's plane weights: random per (pass, row, side, single product; for a conv,
+    or a dot_general over ``max_products``, per output element, shared by its products), a
+    third of them outside [0, 1] (the rule must clip them) and a third at exactly 0 or 1,
+    at the sampled points above, for ``x * y``, ``x * x`` (tangent below, chord above), a
+    matmul, a dot_general with batch and two contracted axes out of order, and a conv.
+    Rows are signed one-hot, so each output element's planes are checked alone, on both
+    sides. All ones (the start of alpha-CROWN) gives CROWN's bounds."""
+    if shared:
+        monkeypatch.setattr(bilinear.PRODUCT, "max_products", 0)
     rng = np.random.default_rng(5)
     for eqn, fn, same, (ops, _, _, *points) in _random_products(name, rng, pts=2048):
         out_shape = eqn.out_avals[0].shape
         size = int(np.prod(out_shape))
         signs = rng.choice([-1.0, 1.0], (2, size, 1))
         lA, uA = (jnp.asarray(np.eye(size) * s, jnp.float32).reshape(size, *out_shape) for s in signs)
-        shape = (2, size, 2, *out_shape)
+        shape = (2, size, *bilinear.PRODUCT.alpha_start(eqn, ops)[0].shape)
+        assert (shape[2:] == (2, *out_shape)) == (shared or name in ("mul", "conv"))
         pick = rng.integers(0, 3, size=shape)
         weights = np.where(pick == 0, rng.uniform(-2, 3, shape), np.where(pick == 1, rng.integers(0, 2, shape), rng.uniform(0, 1, shape)))
         check = jax.jit(lambda w, *a: _violation(eqn, fn, same, *a, alpha=w))
