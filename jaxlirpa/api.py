@@ -151,6 +151,8 @@ def _compiled_joint(graph, method: str, alpha: AlphaOptions | None, warm: bool, 
 
 
 def _compiled_joint_first(graph):
+    """:func:`_compiled_first` for a pytree's graph (one joint set, no batch axis)."""
+
     def build():
         return lambda consts, leaves, regions: first_bounds(
             Context(graph, consts, leaves, dict(zip(graph.perturbed_inputs, regions))))
@@ -161,8 +163,9 @@ def _compiled_joint_first(graph):
 def _sparse_rows(graph, method: str, alpha: AlphaOptions | None, first_run, *args):
     """alpha-CROWN's first CROWN bounds and the static sizes of its sparse passes (``(key,
     size)`` pairs, see ``alpha_crown.first_bounds``), the largest over the examples (one host
-    read per call, before the optimisation), or ``(None, None)`` when that cannot or need not be done: another
-    method, options that re-bound nothing, or traced arguments (under an outer jit)."""
+    read per call, before the optimisation), or ``(None, None)`` when that cannot or need not
+    be done: another method, options that re-bound nothing, or traced arguments (under an
+    outer jit)."""
     opts = alpha or AlphaOptions()
     if method != "alpha-crown" or not (opts.optimize_intermediate and opts.sparse_intermediate):
         return None, None

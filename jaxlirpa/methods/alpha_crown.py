@@ -125,7 +125,8 @@ def sparse_candidates(ctx: Context) -> list[int]:
                 if ctx.graph.is_perturbed(v):
                     readers.setdefault(v, []).append(eqn)
     return [v for v, eqns in readers.items()
-            if v not in ctx.regions and v not in exact and all(getattr(ctx.rule(e), "splittable", False) for e in eqns) and _dense_start(ctx, v)]
+            if v not in ctx.regions and v not in exact and _dense_start(ctx, v)
+            and all(getattr(ctx.rule(e), "splittable", False) for e in eqns)]
 
 
 def _dense_start(ctx: Context, v: int) -> bool:

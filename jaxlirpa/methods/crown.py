@@ -134,9 +134,9 @@ def _merge(old, new, aval):
 
 def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset(), seeds=None, seen=None):
     """Push ``lA``/``uA`` (shape ``(rows, *target.shape)``, or both ``IDENTITY`` or one
-    :class:`OnElements`) back to
-    the inputs, or to the variables in ``stop``. Returns ``({var: (lA, uA)}, lower bias, upper bias)``;
-    at the inputs, ``lA``/``uA`` may be :class:`Patches` (``Context.concretize`` takes them).
+    :class:`OnElements`) back to the inputs, or to the variables in ``stop``. Returns
+    ``({var: (lA, uA)}, lower bias, upper bias)``; at the inputs, ``lA``/``uA`` may be
+    :class:`Patches` (``Context.concretize`` takes them).
 
     Identity rows of a convolution's output travel as patches (``methods/patches.py``) as
     far as they can, and as dense arrays from the first rule that does not take them.

@@ -78,6 +78,7 @@ class MinWithConstant(ElementwiseRule):
         return Relaxation(lw=r.uw, lb=-r.ub, uw=r.lw, ub=-r.lb)
 
     def flat(self, l, u, c):
+        """Where the output is the constant ``c``."""
         return l >= c
 
 
