@@ -80,6 +80,17 @@ def test_warm_start_and_progress(crown):
     assert np.sum(again.lower) >= np.sum(first.lower) - 1e-4
 
 
+def test_upper_run_is_the_lower_run_of_the_negated_spec(alpha):
+    """Both bounds come from one lower run mapped over ``(A, -A)``: the upper run alone
+    gives the same upper bound; a warm start needs both runs' slopes."""
+    opts = jaxlirpa.AlphaOptions(iterations=15, bound="upper")
+    upper = jaxlirpa.bound(net, X, EPS, method="alpha-crown", alpha=opts)
+    width = float(np.max(alpha.upper - alpha.lower))
+    np.testing.assert_allclose(upper.upper, alpha.upper, atol=1e-5 * width)
+    with pytest.raises(ValueError, match="both runs"):
+        jaxlirpa.bound(net, X, EPS, method="alpha-crown", alpha_init={"lower": alpha.alphas["lower"], "upper": None})
+
+
 def test_meet_with_best_is_differentiated_as_the_fresh_bound():
     """The intermediate bound met with the best so far has the fresh bound's gradient,
     exactly 1, whether the fresh bound is tighter, looser or tied (a tie once gave 1.5 and

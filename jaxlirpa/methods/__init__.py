@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -82,13 +83,31 @@ def _bound_one(ctx: Context, out, method: str, C, alpha: AlphaOptions | None, wa
         A, opts = A.reshape(A.shape[0], *shape), alpha or AlphaOptions()
         if opts.bound != "both":
             return alpha_crown(ctx, out, A, opts, warm, first, sizes)[:2]
-        # Like auto_LiRPA, lower and upper bounds are optimised in separate runs:
-        # jointly, the shared intermediate slopes would have to compromise.
-        warm = warm or {"lower": None, "upper": None}
-        lo, slopes_lo, _ = alpha_crown(ctx, out, A, dataclasses.replace(opts, bound="lower"), warm["lower"], first, sizes)
-        hi, slopes_hi, _ = alpha_crown(ctx, out, A, dataclasses.replace(opts, bound="upper"), warm["upper"], first, sizes)
-        return Interval(lo.lower, hi.upper), {"lower": slopes_lo, "upper": slopes_hi}
+        return _both_sides(ctx, out, A, opts, warm, first, sizes)
     return _one_shot(ctx, method, C, [out])[0], None
+
+
+def _both_sides(ctx: Context, out, A, opts: AlphaOptions, warm, first, sizes):
+    """alpha-CROWN's lower and upper bounds of ``A @ out``, optimised in separate runs like
+    auto_LiRPA's (jointly, the shared intermediate slopes would have to compromise). The
+    upper bound is minus the lower bound of ``-A @ out`` (the same relaxations meet the same
+    signs), so both are one lower run mapped over ``(A, -A)``: one loop body to compile, not
+    two, and one run's memory at a time. ``Bounds.alphas["upper"]`` are that run's slopes."""
+    warm = warm or {"lower": None, "upper": None}
+    if (warm["lower"] is None) != (warm["upper"] is None):
+        raise ValueError("alpha_init needs the slopes of both runs, {'lower': ..., 'upper': ...}, "
+                         "as an earlier result's .alphas holds them (or bound='lower'/'upper' for one).")
+    sides = (jnp.stack([A, -A]), None if warm["lower"] is None
+             else jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), warm["lower"], warm["upper"]))
+    lower_run = dataclasses.replace(opts, bound="lower")
+
+    def run(side):
+        found, slopes, _ = alpha_crown(ctx, out, side[0], lower_run, side[1], first, sizes)
+        return found.lower, slopes
+
+    lower, slopes = jax.lax.map(run, sides)
+    side = lambda k: jax.tree_util.tree_map(lambda s: s[k], slopes)  # noqa: E731
+    return Interval(lower[0], -lower[1]), {"lower": side(0), "upper": side(1)}
 
 
 def _one_shot(ctx: Context, method: str, C, outs) -> list[Interval]:
