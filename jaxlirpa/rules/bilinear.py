@@ -39,9 +39,10 @@ up to ``Product.max_products`` products per row: a layer's perturbed weights
 (784 x 1024 of them) would need that many per row and re-bounded neuron. Beyond
 it, and for ``conv``, whose products do not line up as an array, the products
 share their output element's weight (sound, as each product is still bounded by
-a combination of its own planes) and stay in the VJP form. For ``x * x`` the lower combination
-is raised to the tangent at ``t = w xl + (1 - w) xu`` (by ``w (1 - w) (xu -
-xl)^2``, what convexity leaves between them); the upper planes are both the chord.
+a combination of its own planes) and stay in the VJP form. For ``x * x`` the
+lower combination is raised to the tangent at ``t = w xl + (1 - w) xu`` (by
+``w (1 - w) (xu - xl)^2``, what convexity leaves between them); the upper
+planes are both the chord.
 
 :class:`Product` is registered as an alternative: ``mul`` and ``dot_general``
 with one perturbed operand keep the generic linear rule.
@@ -233,7 +234,8 @@ def _layout_shape(eqn):
     (contracted, _), (batch, _) = eqn.params["dimension_numbers"]
     nb, nc = len(batch), len(contracted)
     x, y = ([eqn.in_avals[i].shape[d] for d in _operand_order(eqn, i)] for i in (0, 1))
-    return (*x[:nb], math.prod(x[nb:len(x) - nc]), math.prod(y[nb:len(y) - nc]), math.prod(x[len(x) - nc:]))
+    free = lambda sizes: math.prod(sizes[nb:len(sizes) - nc])  # noqa: E731
+    return (*x[:nb], free(x), free(y), math.prod(x[len(x) - nc:]))
 
 
 def _product_layout(eqn, xl, xu, yl, yu):

@@ -275,7 +275,8 @@ def test_interpolated_planes_are_sound_for_any_weights(name, shared, monkeypatch
         shape = (2, size, *bilinear.PRODUCT.alpha_start(eqn, ops)[0].shape)
         assert (shape[2:] == (2, *out_shape)) == (shared or name in ("mul", "conv"))
         pick = rng.integers(0, 3, size=shape)
-        weights = np.where(pick == 0, rng.uniform(-2, 3, shape), np.where(pick == 1, rng.integers(0, 2, shape), rng.uniform(0, 1, shape)))
+        weights = np.where(pick == 0, rng.uniform(-2, 3, shape),
+                           np.where(pick == 1, rng.integers(0, 2, shape), rng.uniform(0, 1, shape)))
         check = jax.jit(lambda w, *a: _violation(eqn, fn, same, *a, alpha=w))
         worst = check(jnp.asarray(weights, jnp.float32), ops, lA, uA, *points)
         assert float(worst) <= 1e-5, (name, same, float(worst))
