@@ -143,8 +143,7 @@ class Product(Rule):
         D, xl, yl, yu = self._planes(eqn, ops)
         xu = ops[0].interval.upper
         w = jnp.clip(weights, 0.0, 1.0)
-        lo1, lo2 = lower_rows * w[:, 0], lower_rows * (1 - w[:, 0])  # corners (xl, yl), (xu, yu)
-        up1, up2 = upper_rows * w[:, 1], upper_rows * (1 - w[:, 1])  # corners (xl, yu), (xu, yl)
+        lo1, lo2, up1, up2 = _corner_rows(lower_rows, upper_rows, w)
         x_aval, y_aval = eqn.in_avals
         A_x = _pull(lambda x: D(x, yl), x_aval, lo1 + up2) + _pull(lambda x: D(x, yu), x_aval, lo2 + up1)
         A_y = _pull(lambda y: D(xl, y), y_aval, lo1 + up1) + _pull(lambda y: D(xu, y), y_aval, lo2 + up2)
@@ -162,8 +161,7 @@ class Product(Rule):
         w = jnp.clip(weights, 0.0, 1.0)
         per_output = lambda t: t.reshape(t.shape[0], *w.shape[2:-1], 1)  # noqa: E731
         lower_rows, upper_rows = per_output(lower_rows), per_output(upper_rows)
-        lo1, lo2 = lower_rows * w[:, 0], lower_rows * (1 - w[:, 0])  # corners (xl, yl), (xu, yu)
-        up1, up2 = upper_rows * w[:, 1], upper_rows * (1 - w[:, 1])  # corners (xl, yu), (xu, yl)
+        lo1, lo2, up1, up2 = _corner_rows(lower_rows, upper_rows, w)
         A_x = jnp.sum((lo1 + up2) * yl + (lo2 + up1) * yu, -2)
         A_y = jnp.sum((lo1 + up1) * xl + (lo2 + up2) * xu, -3)
         bias = -_rowsum(lo1 * (xl * yl) + lo2 * (xu * yu) + up1 * (xl * yu) + up2 * (xu * yl))
@@ -202,6 +200,12 @@ class Product(Rule):
         lb = D(x.lb, ylp) + D(x.ub, yln) + D(xlp, y.lb) + D(xln, y.ub) - D(xl, yl)
         ub = D(x.ub, yup) + D(x.lb, yun) + D(xlp, y.ub) + D(xln, y.lb) - D(xl, yu)
         return LinearBounds(lw, lb, uw, ub)
+
+
+def _corner_rows(lower_rows, upper_rows, w):
+    """The rows meeting each corner's plane at weights ``w`` (in [0, 1]): of the lower side at
+    ``(xl, yl)`` and ``(xu, yu)``, of the upper side at ``(xl, yu)`` and ``(xu, yl)``."""
+    return lower_rows * w[:, 0], lower_rows * (1 - w[:, 0]), upper_rows * w[:, 1], upper_rows * (1 - w[:, 1])
 
 
 def _present_weights(alpha, lA, uA):
