@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxlirpa import graph as graph_lib
 from jaxlirpa.methods import METHODS, AlphaOptions, bound_flat
-from jaxlirpa.methods.alpha_crown import first_bounds, row_count
+from jaxlirpa.methods.alpha_crown import first_bounds, static_size
 from jaxlirpa.methods.context import Context
 from jaxlirpa.rules.base import lookup
 from jaxlirpa.sets import Region, as_set, sets_per_leaf
@@ -172,7 +172,7 @@ def _sparse_rows(graph, method: str, alpha: AlphaOptions | None, first_run, *arg
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(args)):
         return None, None
     first, counts = first_run(*args)
-    sizes = tuple(sorted((key, row_count(int(np.max(c)), key[2])) for key, c in counts.items()))
+    sizes = tuple(sorted((key, static_size(key, np.asarray(c))) for key, c in counts.items()))
     return first, sizes
 
 

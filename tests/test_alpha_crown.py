@@ -114,8 +114,8 @@ def test_alpha_options_validate():
 
 
 def test_sparse_rows_change_no_bound_and_keep_alphas_full_sized():
-    """Re-bounding only the unstable neurons and dropping the columns of inactive ones (the
-    default) follows the same optimisation as the dense passes (plain gradient steps: Adam
+    """Re-bounding only the unstable neurons, dropping the columns of inactive ones and
+    multiplying those of active ones once for both sides (the default) follows the same optimisation as the dense passes (plain gradient steps: Adam
     would turn float noise in a zero gradient into full steps), and the alphas of either
     run warm-start the other."""
     from jaxlirpa.api import _compiled_first, _sparse_rows, trace_per_example
@@ -124,7 +124,7 @@ def test_sparse_rows_change_no_bound_and_keep_alphas_full_sized():
     graph, consts, _ = trace_per_example(net, X)
     _, sizes = _sparse_rows(graph, "alpha-crown", None, _compiled_first(graph, None), consts,
                             jaxlirpa.LinfBall(eps).region(X))
-    assert [(kind, k) for (kind, _, _), k in sizes] == [("columns", 20), ("rows", 10)]  # of 24 neurons
+    assert [(kind, k) for (kind, _, _), k in sizes] == [("columns", 20), ("rows", 10), ("shared", 8)]  # of 24
     sgd = optax.sgd(0.02)
     sparse_opts = jaxlirpa.AlphaOptions(iterations=8, optimizer=sgd)
     dense_opts = jaxlirpa.AlphaOptions(iterations=8, optimizer=sgd, sparse_intermediate=False)
@@ -304,3 +304,17 @@ def test_as_tight_as_auto_lirpa_alpha_crown(name, tol):
     assert np.all(lo <= S.emp_min + 1e-5) and np.all(hi >= S.emp_max - 1e-5)
     atol = tol * np.max(ru - rl) + 1e-6
     assert np.max(rl - lo) <= atol and np.max(hi - ru) <= atol
+
+
+def test_a_neuron_pinned_at_the_kink_keeps_its_column():
+    """``min(x, 6)`` on a neuron whose bounds are exactly [6, 6] is both constant and the
+    identity; its relaxation is the identity, so its column must be kept (it was once
+    dropped as constant, and the bounds lost 6 x its weight, 30 here)."""
+    k1, k2 = jax.random.split(jax.random.key(0))
+    W = jax.random.normal(k1, (4, 6)).at[:, 0].set(0.0)
+    V = jax.random.normal(k2, (6, 3)).at[0].set(5.0)
+    pinned = lambda x: jnp.minimum(x @ W + jnp.zeros(6).at[0].set(6.0), 6.0) @ V  # noqa: E731
+    x = jax.random.normal(jax.random.key(3), (2, 4))
+    b = jaxlirpa.bound(pinned, x, 0.3, method="alpha-crown", alpha=jaxlirpa.AlphaOptions(iterations=3))
+    y = pinned(x)
+    assert np.all(b.lower <= y + 1e-5) and np.all(b.upper >= y - 1e-5)

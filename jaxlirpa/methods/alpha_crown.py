@@ -166,24 +166,42 @@ def column_candidates(ctx: Context) -> list:
             if hasattr(ctx.rule(e), "flat") and source(e) not in ctx.regions and _dense_start(ctx, source(e))]
 
 
-def flat(ctx: Context, bounds, eqn) -> jax.Array:
-    """Flat mask of the inputs that ``eqn``'s rule holds constant over their bounds."""
-    x, params = ctx.rule(eqn).split(eqn, ctx.operands(eqn, bounds))
-    return jnp.broadcast_to(ctx.rule(eqn).flat(*x.interval, *params), x.interval[0].shape).reshape(-1)
+def column_ranks(ctx: Context, bounds, eqn) -> jax.Array:
+    """Per flat input of a column candidate: 0 where its rule passes it through unchanged
+    over its bounds, 2 where the rule holds it constant (its column is dropped), 1 else.
+    (``max(x, c)`` on ``l = u = c`` does both; it is ranked 0: its relaxation is the identity.)"""
+    rule = ctx.rule(eqn)
+    x, params = rule.split(eqn, ctx.operands(eqn, bounds))
+    mask = lambda test: jnp.broadcast_to(test(*x.interval, *params), x.interval[0].shape).reshape(-1)  # noqa: E731
+    rank = jnp.where(mask(rule.flat), 2, 1)
+    return jnp.where(mask(rule.passes), 0, rank) if hasattr(rule, "passes") else rank
 
 
 def first_bounds(ctx: Context):
     """CROWN's intermediate bounds, and the counts that size alpha-CROWN's sparse passes
-    (the caller turns the largest over examples into static sizes): keyed ``("rows", v,
-    size)``, the unstable neurons of each sparse candidate ``v``, and ``("columns",
-    position, size)``, the inputs each column candidate does not hold constant."""
+    (the caller turns them into static sizes, :func:`static_size`): keyed ``("rows", v,
+    size)``, the unstable neurons of each sparse candidate ``v``, ``("columns", position,
+    size)``, the inputs each column candidate does not hold constant, and ``("shared",
+    position, size)``, those it passes through unchanged."""
     first = crown_intervals(ctx)
     size = lambda v: int(np.prod(ctx.graph.avals[v].shape))  # noqa: E731
     counts = {("rows", v, size(v)): jnp.sum(unstable(ctx, first, v)) for v in sparse_candidates(ctx)}
     for eqn in column_candidates(ctx):
-        mask = flat(ctx, first, eqn)
-        counts[("columns", ctx.position[eqn], mask.size)] = jnp.sum(~mask)
+        rank = column_ranks(ctx, first, eqn)
+        counts[("columns", ctx.position[eqn], rank.size)] = jnp.sum(rank < 2)
+        counts[("shared", ctx.position[eqn], rank.size)] = jnp.sum(rank == 0)
     return first, counts
+
+
+def static_size(key: tuple, counts) -> int:
+    """The static size of one :func:`first_bounds` count over a batch's counts: rows and
+    kept columns cover the largest (rounded up, :func:`row_count`); shared columns, the
+    smallest (rounded down to 4-7 x 2^k: they must be shared in every example)."""
+    if key[0] == "shared":
+        n = int(np.min(counts))
+        step = 2 ** max(0, n.bit_length() - 3)
+        return n // step * step
+    return row_count(int(np.max(counts)), key[2])
 
 
 def row_count(unstable_count: int, size: int) -> int:
@@ -212,13 +230,15 @@ def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None
     else:
         first = jax.lax.stop_gradient(first)
         first_of = lambda mask, k: jax.lax.top_k(mask.astype(jnp.float32), k)[1]  # noqa: E731
-        for (kind, at, _), k in (sizes or {}).items():
+        sizes = sizes or {}
+        shared = {at: k for (kind, at, _), k in sizes.items() if kind == "shared"}
+        for (kind, at, _), k in sizes.items():
             if kind == "rows":
                 index[at] = first_of(unstable(ctx, first, at), k)
-            else:
+            elif kind == "columns":
                 eqn = ctx.perturbed_eqns[at]
-                order = jnp.argsort(flat(ctx, first, eqn), stable=True)  # the non-constant inputs first
-                ctx.columns[eqn] = Columns(order, jnp.argsort(order), k)
+                order = jnp.argsort(column_ranks(ctx, first, eqn), stable=True)
+                ctx.columns[eqn] = Columns(order, jnp.argsort(order), k, shared.get(at, 0))
         # Records the slopes of the rows kept; its bounds are first's again, so they are
         # dropped and XLA drops the pass (the slopes' initial values need only first).
         crown_intervals(ctx, first, rows=index)

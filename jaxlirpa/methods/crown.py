@@ -44,6 +44,35 @@ class OnElements:
         return jnp.zeros((self.A.shape[0], n), self.A.dtype).at[:, self.index].set(self.A).reshape(-1, *aval.shape)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class SharedColumns:
+    """Lower and upper coefficients on the elements ``index`` whose first ``common.shape[1]``
+    columns are the same on both sides: rows that reached a ReLU as one array keep it at
+    the neurons the ReLU passes through unchanged (active), so the next dense layer
+    multiplies those columns once for both sides instead of twice."""
+
+    index: jax.Array
+    common: jax.Array
+    lower: jax.Array
+    upper: jax.Array
+
+    def side(self, upper: bool) -> OnElements:
+        return OnElements(self.index, jnp.concatenate([self.common, self.upper if upper else self.lower], axis=1))
+
+    def through(self, J, bias):
+        """``(lA @ J, lA @ bias)`` and ``(uA @ J, uA @ bias)`` for ``J`` of shape ``(n, ...)``
+        and ``bias`` of shape ``(n,)``; ``J`` None stands for the identity (``self`` stays)."""
+        s = self.common.shape[1]
+        bk = bias[self.index]
+        common_bias = self.common @ bk[:s]
+        if J is None:
+            return (self, common_bias + self.lower @ bk[s:]), (self, common_bias + self.upper @ bk[s:])
+        Jk = J[self.index].reshape(self.index.shape[0], -1)
+        common = self.common @ Jk[:s]
+        side = lambda rest: ((common + rest @ Jk[s:]).reshape(-1, *J.shape[1:]), common_bias + rest @ bk[s:])  # noqa: E731
+        return side(self.lower), side(self.upper)
+
+
 def _shortcut_step(ctx: Context, eqn, ops, A_l, A_u):
     """Pull identity rows or :class:`OnElements` through ``eqn`` by the rule's identity
     shortcut (a bias ``add``, a dense layer), if it has one."""
@@ -65,14 +94,24 @@ def _shortcut_step(ctx: Context, eqn, ops, A_l, A_u):
         Jk = J[A.index]
         return (A.A @ Jk.reshape(Jk.shape[0], -1)).reshape(-1, *Jk.shape[1:]), A.A @ bias[A.index]
 
+    if isinstance(A_l, SharedColumns):
+        (gl, lb), (gu, ub) = A_l.through(J, bias)
+        return [(gl, gu) if isinstance(o, Perturbed) else None for o in ops], lb, ub
     (gl, lb), (gu, ub) = one(A_l), ((None, None) if A_u is A_l else one(A_u))
     if A_u is A_l:
         gu, ub = gl, lb
     return [(gl, gu) if isinstance(o, Perturbed) else None for o in ops], lb, ub
 
 
-def _on_columns(pair, keep):
-    """Dense ``(lA, uA)`` kept on the elements ``keep`` (the others are zero)."""
+def _on_columns(pair, keep, same: bool):
+    """Dense ``(lA, uA)`` kept on the elements ``keep`` (the others are zero); as
+    :class:`SharedColumns` when both came from one array and ``keep`` has shared columns."""
+    if same and keep.shared and pair[0] is not None and pair[1] is not None:
+        lA, uA = (A.reshape(A.shape[0], -1) for A in pair)
+        s = keep.shared
+        shared = SharedColumns(keep.index, _take_columns(lA, keep, 0, s), _take_columns(lA, keep, s),
+                               _take_columns(uA, keep, s))
+        return shared, shared
     return tuple(None if A is None else OnElements(keep.index, _take_columns(A.reshape(A.shape[0], -1), keep))
                  for A in pair)
 
@@ -81,11 +120,13 @@ def _on_columns(pair, keep):
 class Columns:
     """The columns a rule's pulled rows keep: ``order``, a permutation of a variable's flat
     elements with the ``k`` kept ones first, and its inverse (their gradients gather too:
-    XLA's CPU scatter, a gather's plain transpose, ran slower than the matmuls it saved)."""
+    XLA's CPU scatter, a gather's plain transpose, ran slower than the matmuls it saved).
+    The rule passes the first ``shared`` of them through unchanged (:class:`SharedColumns`)."""
 
     order: jax.Array
     inverse: jax.Array
     k: int
+    shared: int = 0
 
     @property
     def index(self) -> jax.Array:
@@ -93,23 +134,27 @@ class Columns:
 
 
 @jax.custom_vjp
-def _permuted(A, order, inverse):
-    return jnp.take(A, order, axis=1)
+def _gathered(A, index, inverse):
+    return jnp.take(A, index, axis=1)
 
 
-def _permuted_fwd(A, order, inverse):
-    return jnp.take(A, order, axis=1), inverse
+def _gathered_fwd(A, index, inverse):
+    return jnp.take(A, index, axis=1), inverse
 
 
-def _permuted_bwd(inverse, g):
-    return jnp.take(g, inverse, axis=1), None, None
+def _gathered_bwd(inverse, g):
+    return jnp.take(g, inverse, axis=1, mode="fill", fill_value=0), None, None
 
 
-_permuted.defvjp(_permuted_fwd, _permuted_bwd)
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
 
 
-def _take_columns(A, keep: Columns):
-    return _permuted(A, keep.order, keep.inverse)[:, :keep.k]
+def _take_columns(A, keep: Columns, start: int = 0, stop: int | None = None):
+    """``A[:, keep.order[start:stop]]`` (``stop`` defaults to ``keep.k``), whose gradient
+    gathers too, by the inverse permutation (columns not taken read as zero)."""
+    stop = keep.k if stop is None else stop
+    inverse = jnp.where(keep.inverse >= start, keep.inverse - start, A.shape[1])  # out of range: zero
+    return _gathered(A, keep.order[start:stop], inverse)
 
 
 def _dense(pair, aval):
@@ -120,6 +165,8 @@ def _dense(pair, aval):
             return identity_rows(aval)
         return A.dense(aval) if isinstance(A, OnElements) else (A.dense(aval.shape) if isinstance(A, Patches) else A)
 
+    if isinstance(pair[0], SharedColumns):
+        return pair[0].side(False).dense(aval), pair[0].side(True).dense(aval)
     lA = one(pair[0])
     return (lA, lA) if pair[0] is pair[1] else (lA, one(pair[1]))
 
@@ -150,6 +197,7 @@ def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset(), seeds
         if out not in pending or out in stop:
             continue
         A_l, A_u = pending.pop(out)
+        same = A_l is A_u and not isinstance(A_l, SharedColumns)  # one array for both sides
         if seen is not None:
             seen[out] = _dense((A_l, A_u), ctx.graph.avals[out])
         ops = ctx.operands(eqn, bounds)
@@ -158,7 +206,7 @@ def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset(), seeds
             step = patches.pull(ctx, eqn, ops, A_l, A_u, target)
         elif A_l is IDENTITY:
             step = patches.start(ctx, eqn, ops) or _shortcut_step(ctx, eqn, ops, A_l, A_u)
-        elif isinstance(A_l, OnElements) or isinstance(A_u, OnElements):
+        elif any(isinstance(a, (OnElements, SharedColumns)) for a in (A_l, A_u)):
             step = _shortcut_step(ctx, eqn, ops, A_l, A_u)
         if step is None:
             A_l, A_u = _dense((A_l, A_u), ctx.graph.avals[out])
@@ -174,10 +222,10 @@ def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset(), seeds
         for v, g in zip(eqn.inputs, grads):
             if g is not None:
                 if keep is not None and all(a is None or isinstance(a, jax.Array) for a in g):
-                    g = _on_columns(g, keep)
+                    g = _on_columns(g, keep, same)
                 pending[v] = _merge(pending.get(v), g, ctx.graph.avals[v])
     for v, pair in list(pending.items()):
-        if v not in ctx.regions or any(a is IDENTITY or isinstance(a, OnElements) for a in pair):
+        if v not in ctx.regions or any(a is IDENTITY or isinstance(a, (OnElements, SharedColumns)) for a in pair):
             pending[v] = _dense(pair, ctx.graph.avals[v])
     return pending, lbias, ubias
 

@@ -55,6 +55,10 @@ class MaxWithConstant(ElementwiseRule):
         """Where the output is the constant ``c`` (both lines have slope 0, whatever alpha)."""
         return u <= c
 
+    def passes(self, l, u, c):
+        """Where the output is the input itself (both lines are the identity, whatever alpha)."""
+        return l >= c
+
     def lower_line(self, l, u, c, slope):
         """``c + s (x - c)`` with s in [0, 1] where the kink is inside [l, u]."""
         crossing = (l < c) & (u > c)
@@ -80,6 +84,10 @@ class MinWithConstant(ElementwiseRule):
     def flat(self, l, u, c):
         """Where the output is the constant ``c``."""
         return l >= c
+
+    def passes(self, l, u, c):
+        """Where the output is the input itself."""
+        return u <= c
 
 
 class LeakyRelu(ElementwiseRule):
