@@ -80,6 +80,24 @@ def test_warm_start_and_progress(crown):
     assert np.sum(again.lower) >= np.sum(first.lower) - 1e-4
 
 
+def test_pytree_outputs_warm_start():
+    """A pytree of outputs gets one list entry of slopes per output; passed back, they warm
+    start each output's runs, still sound and never looser than CROWN."""
+    two = lambda x: {"logits": net(x), "hidden": jax.nn.relu(x @ W1)[:, :5]}  # noqa: E731
+    crown = jaxlirpa.bound(two, X, EPS, method="crown")
+    opts = jaxlirpa.AlphaOptions(iterations=4)
+    first = jaxlirpa.bound(two, X, EPS, method="alpha-crown", alpha=opts)
+    assert isinstance(first.alphas, list) and len(first.alphas) == 2
+    again = jaxlirpa.bound(two, X, EPS, method="alpha-crown", alpha=opts, alpha_init=first.alphas)
+    ys = jax.vmap(two)(X + jax.random.uniform(KEY, (512, *X.shape), minval=-EPS, maxval=EPS))
+    for k in ("logits", "hidden"):
+        assert np.all(again.lower[k] >= crown.lower[k] - 1e-5) and np.all(again.upper[k] <= crown.upper[k] + 1e-5)
+        assert np.sum(again.lower[k]) >= np.sum(first.lower[k]) - 1e-4
+        assert np.all(again.lower[k] <= ys[k].min(0) + 1e-5) and np.all(ys[k].max(0) <= again.upper[k] + 1e-5)
+    with pytest.raises(TypeError, match="list of alphas"):
+        jaxlirpa.bound(two, X, EPS, method="alpha-crown", alpha_init=first.alphas[0])
+
+
 def test_upper_run_is_the_lower_run_of_the_negated_spec(alpha):
     """Both bounds come from one lower run mapped over ``(A, -A)``: the upper run alone
     gives the same upper bound; a warm start needs both runs' slopes."""
