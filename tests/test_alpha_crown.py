@@ -168,9 +168,10 @@ def bias_conv_net(x):
     return jnp.concatenate([jax.nn.relu(h), jax.nn.relu(c).reshape(-1, 30)], -1)
 
 
-def test_selected_rows_are_crown_rows_and_skip_patch_starts():
-    """An :class:`OnElements` start pulls back exactly those rows of the identity (bias ``add``
-    included); a convolution's output is no sparse candidate (its rows start as patches)."""
+def test_selected_rows_are_crown_rows_dense_and_as_patches():
+    """An :class:`OnElements` start pulls back exactly those rows of the identity: through a
+    bias ``add`` and a dense layer, and from a convolution's output as patches of the
+    selected rows only (``patches.Frame.selected``)."""
     from jaxlirpa.api import trace_per_example
     from jaxlirpa.methods.alpha_crown import first_bounds, sparse_candidates, unstable
     from jaxlirpa.methods.context import Context
@@ -179,25 +180,27 @@ def test_selected_rows_are_crown_rows_and_skip_patch_starts():
     graph, consts, _ = trace_per_example(bias_conv_net, X)
     region = jax.tree_util.tree_map(lambda a: a[0], jaxlirpa.LinfBall(EPS).region(X))
     context = lambda r: Context(graph, consts, [r.center], {graph.perturbed_inputs[0]: r})  # noqa: E731
-    (v,) = sparse_candidates(context(region))
-    assert graph.avals[v].shape == (1, 24)  # the pre-activation of the dense layer, not the conv's
+    candidates = sparse_candidates(context(region))
+    assert [graph.avals[v].shape for v in candidates] == [(1, 24), (1, 2, 3, 5)]  # dense, conv
     first, counts = jax.jit(lambda r: first_bounds(context(r)))(region)
-    mask = np.asarray(unstable(context(region), first, v)).reshape(1, 24)
-    assert 0 < int(counts[("rows", v, 24)]) == mask.sum() < 24
-    index = jnp.asarray(np.flatnonzero(mask))
+    for v in candidates:
+        mask = np.asarray(unstable(context(region), first, v))
+        assert 0 < int(counts[("rows", v, mask.size)]) == mask.sum() < mask.size
+        index = jnp.asarray(np.flatnonzero(mask))
 
-    @jax.jit
-    def full_and_selected(r):
-        ctx = context(r)
-        bounds = crown_intervals(ctx)
-        full = interval_of(ctx, v, bounds)
-        ref = jax.tree_util.tree_map(lambda a: a + 100.0, full)
-        return full, ref, selected_interval(ctx, v, bounds, index, ref)
+        @jax.jit
+        def full_and_selected(r):
+            ctx = context(r)
+            bounds = crown_intervals(ctx)
+            full = interval_of(ctx, v, bounds)
+            ref = jax.tree_util.tree_map(lambda a: a + 100.0, full)
+            return full, ref, selected_interval(ctx, v, bounds, index, ref)
 
-    full, ref, got = full_and_selected(region)
-    for side in (0, 1):
-        np.testing.assert_allclose(np.asarray(got[side])[mask], np.asarray(full[side])[mask], rtol=1e-6, atol=1e-6)
-        np.testing.assert_array_equal(np.asarray(got[side])[~mask], np.asarray(ref[side])[~mask])
+        full, ref, got = full_and_selected(region)
+        for side in (0, 1):
+            got_side, full_side, ref_side = (np.asarray(t[side]).reshape(-1) for t in (got, full, ref))
+            np.testing.assert_allclose(got_side[mask], full_side[mask], rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(got_side[~mask], ref_side[~mask])
 
 
 def test_kept_columns_and_their_gradient_are_plain_indexing():

@@ -17,8 +17,9 @@ Sparse intermediate bounds (auto_LiRPA's default too): the bounds of a ReLU-like
 input matter only at its unstable neurons (elsewhere the relaxation is the
 function itself), so given CROWN's bounds and a static row count per variable
 (``sizes``, chosen by the caller from concrete data), only those neurons' rows are
-pulled back at every step; the others keep CROWN's bounds. It cuts each step of a
-deep MLP 2-4x and changes no output bound (a stable neuron's slopes get no gradient).
+pulled back at every step (a convolution's as patches of those rows only); the others
+keep CROWN's bounds. It cuts each step of a deep MLP 2-4x and changes no output bound
+(a stable neuron's slopes get no gradient).
 """
 from __future__ import annotations
 
@@ -95,27 +96,31 @@ class Slopes:
         self.values = values
         self.init: dict[str, jax.Array] = {}
         self.ranges: dict[str, tuple] = {}
+        self.selected: dict[str, tuple] = {}  # patches of selected rows: (their rows, all rows' init)
 
-    def get(self, position, start, rule, eqn, ops, rows, unfold=None):
+    def get(self, position, start, rule, eqn, ops, rows, frame=None):
         """The slopes of ``rule`` at ``eqn`` for rows of ``start``: ``(2, rows, *shape)``
-        (lower pass, upper pass), ``shape`` the output's, or its window layout when
-        ``unfold`` (patches) maps output-shaped arrays there."""
+        (lower pass, upper pass), ``shape`` the output's, or, for patches placed by
+        ``frame``, its window layout ``(*Y, C, *K)`` (``(2, R, C, *K)`` for selected rows)."""
         key = f"{position}:{start}"
         init, lo, hi = rule.alpha_start(eqn, ops)
-        if unfold is not None:
-            init, lo, hi = map(unfold, (init, lo, hi))
+        if frame is not None:
+            if frame.selected is not None:
+                every = dataclasses.replace(frame, selected=None).unfold(init)
+                self.selected[key] = (frame.selected, jnp.broadcast_to(every, (2, rows, *every.shape)))
+            init, lo, hi = map(frame.unfold, (init, lo, hi))
         self.ranges[key] = (lo, hi)
         if self.values is not None:
             return self.values[key]
-        self.init[key] = jnp.broadcast_to(init, (2, rows, *init.shape))
+        self.init[key] = jnp.broadcast_to(init, (2, *init.shape) if key in self.selected else (2, rows, *init.shape))
         return None
 
 
 def sparse_candidates(ctx: Context) -> list[int]:
     """Variables whose bounds matter only where a neuron is unstable: every rule that
-    reads them is piecewise linear with a kink (exact away from it), and their identity
-    rows start dense (a convolution's start as patches, cheaper than any selection).
-    Variables IBP bounds exactly are never re-bounded, so they are left out."""
+    reads them is piecewise linear with a kink (exact away from it). A convolution's
+    selected rows start as patches of those rows (``patches.Frame.selected``). Variables
+    IBP bounds exactly are never re-bounded, so they are left out."""
     from jaxlirpa.methods.ibp import ibp_exact
 
     exact, readers = ibp_exact(ctx), {}
@@ -125,7 +130,7 @@ def sparse_candidates(ctx: Context) -> list[int]:
                 if ctx.graph.is_perturbed(v):
                     readers.setdefault(v, []).append(eqn)
     return [v for v, eqns in readers.items()
-            if v not in ctx.regions and v not in exact and _dense_start(ctx, v)
+            if v not in ctx.regions and v not in exact
             and all(getattr(ctx.rule(e), "splittable", False) for e in eqns)]
 
 
@@ -246,10 +251,14 @@ def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None
     lA = None if opts.bound == "upper" else A
     lo0, hi0 = backward(ctx, out, lA, uA, first)
     start = lambda key: int(key.split(":")[1])  # noqa: E731
-    if warm is None:
-        init = recorder.init
-    else:
-        init = {k: w[:, index[start(k)]] if start(k) in index else w for k, w in warm.items()}
+
+    def kept(key, w):
+        """Full-size warm-start slopes at the rows kept."""
+        if key in recorder.selected:  # patches: canonical rows over (O, *Y)
+            return w.reshape(2, -1, *recorder.init[key].shape[2:])[:, recorder.selected[key][0]]
+        return w[:, index[start(key)]] if start(key) in index else w
+
+    init = recorder.init if warm is None else {k: kept(k, w) for k, w in warm.items()}
 
     def evaluate(slopes, prev):
         ctx.slopes = Slopes(slopes)
@@ -288,7 +297,11 @@ def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None
     (slopes, _, (lo, hi), prev, _), _ = jax.lax.scan(step, carry, jnp.arange(opts.iterations))
     ctx.slopes, ctx.columns = None, {}
     for key, s in slopes.items():  # back to full size: rows not kept keep their first value
-        if start(key) in index:
+        if key in recorder.selected:  # patches (O, *Y, C, *K) of the canonical rows selected
+            rows, every = recorder.selected[key]
+            base = every if warm is None else warm[key]
+            slopes[key] = base.reshape(2, -1, *s.shape[2:]).at[:, rows].set(s).reshape(base.shape)
+        elif start(key) in index:
             base = recorder.init[key][:, :1] if warm is None else warm[key]
             n = int(np.prod(ctx.graph.avals[start(key)].shape))
             slopes[key] = jnp.broadcast_to(base, (2, n, *s.shape[2:])).at[:, index[start(key)]].set(s)

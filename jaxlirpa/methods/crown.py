@@ -207,7 +207,8 @@ def pull_back(ctx: Context, target: int, lA, uA, bounds, stop=frozenset(), seeds
         elif A_l is IDENTITY:
             step = patches.start(ctx, eqn, ops) or _shortcut_step(ctx, eqn, ops, A_l, A_u)
         elif any(isinstance(a, (OnElements, SharedColumns)) for a in (A_l, A_u)):
-            step = _shortcut_step(ctx, eqn, ops, A_l, A_u)
+            selected = same and isinstance(A_l, OnElements) and A_l.A is None  # some identity rows
+            step = (selected and patches.start(ctx, eqn, ops, A_l.index)) or _shortcut_step(ctx, eqn, ops, A_l, A_u)
         if step is None:
             A_l, A_u = _dense((A_l, A_u), ctx.graph.avals[out])
             rule = ctx.rule(eqn)

@@ -35,13 +35,31 @@ _MATRIX_LIMIT = 2**22  # entries of the largest window matrix a convolution is c
 class Frame:
     """Where the entries of patches sit (static). Canonical row ``(o, *y)`` is dense row
     ``rows[o, *y]``; entry ``(c, *k)`` of it is the variable's flat element
-    ``index[c, *(y * stride - offset + k)]``, or nothing outside ``index``."""
+    ``index[c, *(y * stride - offset + k)]``, or nothing outside ``index``.
+
+    ``selected`` (traced, shape ``(R,)``): only these canonical rows (flat over ``(O, *Y)``),
+    in this order, as patches ``(R, C, *K)``: alpha-CROWN re-bounds just a convolution's
+    unstable neurons (auto_LiRPA's ``unstable_idx``)."""
 
     index: np.ndarray  # (C, *S)
     rows: np.ndarray  # (O, *Y)
     stride: tuple[int, ...]
     offset: tuple[int, ...]
     kernel: tuple[int, ...]
+    selected: jax.Array | None = None
+
+    @property
+    def lead(self) -> int:
+        """Leading row axes of the patches: ``O, *Y``, or ``R`` when rows are selected."""
+        return 1 if self.selected is not None else 1 + len(self.kernel)
+
+    def per_row(self, t):
+        """A ``(*Y, ...)`` array (per position) at each selected row's position: ``(R, ...)``."""
+        if self.selected is None:
+            return t
+        n = len(self.kernel)
+        flat = jnp.reshape(t, (-1, *np.shape(t)[n:]))
+        return jnp.take(flat, self.selected % flat.shape[0], axis=0)
 
     def positions(self, d: int) -> np.ndarray:
         """``(Y_d, K_d)``: the coordinate along spatial axis ``d`` of each entry."""
@@ -49,7 +67,8 @@ class Frame:
         return y[:, None] * self.stride[d] - self.offset[d] + k[None, :]
 
     def window(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(*Y, C, *K)``: each entry's flat element of the variable, and whether it exists."""
+        """``(*Y, C, *K)``: each entry's flat element of the variable, and whether it exists
+        (per position; :meth:`per_row` takes the selected rows' ones)."""
         n, (C, *S) = len(self.kernel), self.index.shape
         coords, inside = [], np.ones((), bool)
         for d in range(n):
@@ -62,17 +81,24 @@ class Frame:
         return flat, np.broadcast_to(inside, flat.shape)
 
     def unfold(self, x: jax.Array) -> jax.Array:
-        """A variable-shaped ``x`` as ``(*Y, C, *K)``: its value at every entry, 0 outside."""
+        """A variable-shaped ``x`` as ``(*Y, C, *K)`` (``(R, C, *K)`` for selected rows): its
+        value at every entry, 0 outside."""
         flat, inside = self.window()
-        return jnp.where(inside, jnp.reshape(x, -1)[flat], 0)
+        return self.per_row(jnp.where(inside, jnp.reshape(x, -1)[flat], 0))
+
+    def inside(self):
+        """Whether each entry exists, per position (or per selected row)."""
+        return self.per_row(self.window()[1])
 
     def row_sums(self, terms: jax.Array) -> jax.Array:
-        """``(O, *Y, C, *K)`` terms summed per row, in dense row order."""
-        sums = jnp.sum(terms, tuple(range(1 + len(self.kernel), terms.ndim)))
-        return self.dense_rows(jnp.broadcast_to(sums, self.rows.shape))
+        """``(O, *Y, C, *K)`` terms summed per row, in dense row order (selected: in order)."""
+        sums = jnp.sum(terms, tuple(range(self.lead, terms.ndim)))
+        return sums if self.selected is not None else self.dense_rows(jnp.broadcast_to(sums, self.rows.shape))
 
     def dense_rows(self, t: jax.Array) -> jax.Array:
         """``(O, *Y, ...)`` per canonical row as ``(rows, ...)`` in dense row order."""
+        if self.selected is not None:
+            return t
         flat = t.reshape(self.rows.size, *t.shape[1 + len(self.kernel):])
         return flat[np.argsort(self.rows.reshape(-1))]
 
@@ -92,6 +118,12 @@ class Patches:
     def dense(self, shape) -> jax.Array:
         """The same rows as a dense ``(rows, *shape)`` array."""
         f, n = self.frame, len(self.frame.kernel)
+        if f.selected is not None:  # each row's entries added at its own window
+            flat, inside = map(f.per_row, f.window())
+            R = self.A.shape[0]
+            D = jnp.zeros((R, int(np.prod(shape))), self.A.dtype)
+            D = D.at[jnp.arange(R)[:, None], flat.reshape(R, -1)].add(jnp.where(inside, self.A, 0).reshape(R, -1))
+            return D.reshape(R, *shape)
         D, axes = self.A, list(range(2 * n + 2))  # labels: o, y_1..y_n, c, k_1..k_n; s_d = 2n + 2 + d
         for d in range(n):
             onehot = (f.positions(d)[:, :, None] == np.arange(f.index.shape[1 + d])).astype(D.dtype)  # (Y_d, K_d, S_d)
@@ -109,6 +141,8 @@ class Patches:
         f, n = self.frame, len(self.frame.kernel)
         per_window = lambda x: f.unfold(x).reshape(-1, *f.index.shape[:1], *f.kernel)
         local = dataclasses.replace(region, **{k: per_window(getattr(region, k)) for k in ("center", "eps", "lo", "hi")})
+        if f.selected is not None:  # one window per row
+            return jax.vmap(lambda a, r: r.concretize(a[None], sign)[0])(self.A, local)
         A = jnp.broadcast_to(self.A, f.rows.shape + self.A.shape[1 + n:])
         A = A.reshape(A.shape[0], -1, *A.shape[1 + n:])
         values = jax.vmap(lambda a, r: r.concretize(a, sign), in_axes=(1, 0))(A, local)  # (windows, O)
@@ -176,9 +210,10 @@ def _compose(A, eqn, W) -> jax.Array:
     return out
 
 
-def start(ctx, eqn, ops):
+def start(ctx, eqn, ops, selected: jax.Array | None = None):
     """The identity rows of a convolution's output pulled onto its input, as patches:
-    ``(per-operand (lA, uA) or None, lower bias, upper bias)``, or None."""
+    ``(per-operand (lA, uA) or None, lower bias, upper bias)``, or None. ``selected``:
+    only the rows of these flat output elements (in this order)."""
     if not plain_conv(ctx, eqn, ops):
         return None
     p = eqn.params
@@ -186,9 +221,13 @@ def start(ctx, eqn, ops):
     rows = _canonical(eqn.out_avals[0].shape, out_spec)
     O, n = rows.shape[0], rows.ndim - 1
     kernel = _window_matrix(eqn, ops[1], (1,) * n)  # (O, C, *K): every output position has the same patch
-    A = kernel.reshape(O, *[1] * n, *kernel.shape[1:])  # broadcast over positions where used
+    if selected is None:
+        A = kernel.reshape(O, *[1] * n, *kernel.shape[1:])  # broadcast over positions where used
+    else:
+        selected = jnp.asarray(np.argsort(rows.reshape(-1)))[selected]  # flat element -> canonical row
+        A = kernel[selected // (rows.size // O)]
     frame = Frame(_canonical(eqn.in_avals[0].shape, lhs_spec), rows, tuple(p["window_strides"]),
-                  tuple(lo for lo, _ in p["padding"]), kernel.shape[2:])
+                  tuple(lo for lo, _ in p["padding"]), kernel.shape[2:], selected)
     patches = Patches(A, frame)
     return [(patches, patches), None], 0.0, 0.0
 
@@ -199,17 +238,17 @@ def _through_conv(eqn, W, frame: Frame):
     lhs_spec, _, out_spec = eqn.params["dimension_numbers"]
     if not np.array_equal(frame.index, _canonical(eqn.out_avals[0].shape, out_spec)):
         return None
-    n, (_, inside) = len(frame.kernel), frame.window()
+    inside, lead = frame.inside(), frame.lead
     stride, low = eqn.params["window_strides"], [lo for lo, _ in eqn.params["padding"]]
     new = Frame(_canonical(eqn.in_avals[0].shape, lhs_spec), frame.rows,
                 tuple(s * s0 for s, s0 in zip(frame.stride, stride)),
                 tuple(o * s0 + lo for o, s0, lo in zip(frame.offset, stride, low)),
-                _composed_size(frame.kernel, eqn, W))
+                _composed_size(frame.kernel, eqn, W), frame.selected)
 
     def composed(A):  # entries outside the output would land inside the input: zero them first
         A = jnp.where(inside, A, 0)
-        out = _compose(A.reshape(-1, *A.shape[1 + n:]), eqn, W)
-        return out.reshape(*A.shape[:1 + n], *out.shape[1:])
+        out = _compose(A.reshape(-1, *A.shape[lead:]), eqn, W)
+        return out.reshape(*A.shape[:lead], *out.shape[1:])
 
     return new, composed
 
@@ -250,11 +289,11 @@ def _map(pl, pu, fn, frame):
 
 def _optimised_lines(rule, eqn, ops, frame: Frame, fixed: Relaxation, slope) -> Relaxation:
     """The lines of a ``lower_line`` rule in the window layout at slopes ``slope`` of shape
-    ``(O, *Y, C, *K)``: one per patch entry, alpha-CROWN's free parameters for patches
+    ``(O, *Y, C, *K)`` (or ``(R, C, *K)``): one per patch entry, alpha-CROWN's free parameters for patches
     (a slope per row and neuron of the window it reads, not per row and every neuron);
     ``fixed``: CROWN's lines unfolded, whose upper line stays."""
     x, params = rule.split(eqn, ops)
-    shape, inside = eqn.out_avals[0].shape, frame.window()[1]
+    shape, inside = eqn.out_avals[0].shape, frame.inside()
     unfold = lambda t: frame.unfold(jnp.broadcast_to(t, shape))  # noqa: E731
     lw, lb = rule.lower_line(*map(unfold, x.interval), *[unfold(p) if jnp.ndim(p) else p for p in params], slope=slope)
     return Relaxation(jnp.where(inside, lw, 0), jnp.where(inside, lb, 0), fixed.uw, fixed.ub)
@@ -282,7 +321,7 @@ def pull(ctx, eqn, ops, pl: Patches | None, pu: Patches | None, target: int):
         if ctx.slopes is not None and rule.optimizable:
             if not hasattr(rule, "lower_line"):
                 return None  # tangent points (S-shaped, convex functions): the dense form
-            alpha = ctx.slopes.get(ctx.position[eqn], target, rule, eqn, ops, frame.rows.shape[0], frame.unfold)
+            alpha = ctx.slopes.get(ctx.position[eqn], target, rule, eqn, ops, frame.rows.shape[0], frame)
             if alpha is not None:
                 lines = tuple(_optimised_lines(rule, eqn, ops, frame, lines[0], a) for a in alpha)
         sides = [None if q is None else through_lines(q.A, r, upper)
