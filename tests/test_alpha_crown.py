@@ -203,6 +203,42 @@ def test_selected_rows_are_crown_rows_dense_and_as_patches():
             np.testing.assert_array_equal(got_side[~mask], ref_side[~mask])
 
 
+def two_convs(x):
+    """conv -> relu -> conv -> relu -> dense: conv2's rows reach relu1 as patches."""
+    conv = lambda z, k: jax.lax.conv_general_dilated(z, jax.random.normal(jax.random.key(k), (2, z.shape[1], 3, 3)) / 3,
+                                                     (1, 1), "VALID")  # noqa: E731
+    h = jax.nn.relu(conv(jax.nn.relu(conv(x, 5)), 6))
+    return h.reshape(h.shape[0], -1) @ jax.random.normal(jax.random.key(7), (32, 3))
+
+
+def test_selected_patch_rows_keep_alphas_full_sized_for_warm_starts():
+    """A convolution's selected rows (here conv2's, through relu1 as patches) return their
+    slopes at full size, one per patch entry of every output neuron as every-neuron runs
+    do, and either warm-starts the other, never looser than CROWN."""
+    from jaxlirpa.api import _compiled_first, _sparse_rows, trace_per_example
+
+    x, eps = jax.random.uniform(jax.random.key(8), (2, 1, 8, 8)), 0.05
+    graph, consts, _ = trace_per_example(two_convs, x)
+    _, sizes = _sparse_rows(graph, "alpha-crown", None, _compiled_first(graph, None), consts,
+                            jaxlirpa.LinfBall(eps).region(x))
+    assert [(kind, size, k) for (kind, _, size), k in sizes] == [("rows", 32, 24)]  # of conv2's 32 neurons
+    sgd = optax.sgd(0.02)
+    opts = {sparse: jaxlirpa.AlphaOptions(iterations=3, optimizer=sgd, sparse_intermediate=sparse)
+            for sparse in (True, False)}
+    crown = jaxlirpa.bound(two_convs, x, eps, method="crown")
+    runs = {k: jaxlirpa.bound(two_convs, x, eps, method="alpha-crown", alpha=o) for k, o in opts.items()}
+    shapes = lambda b: jax.tree_util.tree_map(jnp.shape, b.alphas)  # noqa: E731
+    assert shapes(runs[True]) == shapes(runs[False])
+    leaves = jax.tree_util.tree_leaves(shapes(runs[True]), is_leaf=lambda t: isinstance(t, tuple))
+    assert (2, 2, 2, 4, 4, 2, 3, 3) in leaves  # (batch, sides, O, *Y, C, *K): per patch entry
+    width = float(np.max(crown.upper - crown.lower))
+    np.testing.assert_allclose(runs[True].lower, runs[False].lower, atol=1e-5 * width)
+    for warm, sparse in ((runs[True], False), (runs[False], True)):
+        again = jaxlirpa.bound(two_convs, x, eps, method="alpha-crown", alpha=opts[sparse], alpha_init=warm.alphas)
+        assert np.all(again.lower >= crown.lower - 1e-5) and np.all(again.upper <= crown.upper + 1e-5)
+        assert np.sum(again.lower) >= np.sum(warm.lower) - 1e-4
+
+
 def test_kept_columns_and_their_gradient_are_plain_indexing():
     """Columns kept through a permutation (whose gradient gathers by the inverse) give the
     value and the VJP of plain column indexing."""
