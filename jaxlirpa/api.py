@@ -93,6 +93,25 @@ def _cached(key, build):
     return run
 
 
+def _sized(key):
+    """``key``, whose last entry is alpha-CROWN's static sizes, or a cached key that differs
+    only in sizes covering these: as many up to twice as many rows and kept columns, as many
+    down to half as many shared columns. Such a program gives the same bounds (its spare
+    rows re-bound stable neurons, its spare kept columns are zero), so a batch whose counts
+    moved a little reuses a compiled program instead of compiling one more."""
+    if key[-1] is None or key in _CACHE:
+        return key
+    need = dict(key[-1])
+
+    def covers(sizes) -> bool:
+        have = dict(sizes)
+        return have.keys() == need.keys() and all(
+            (n // 2 <= have[k] <= n) if k[0] == "shared" else (n <= have[k] <= 2 * n) for k, n in need.items())
+
+    found = [k for k in _CACHE if k[:-1] == key[:-1] and k[-1] is not None and covers(k[-1])]
+    return min(found, key=lambda k: sum(n for (kind, _, _), n in k[-1] if kind != "shared"), default=key)
+
+
 def _compiled(graph, method: str, spec_batched: bool | None, alpha: AlphaOptions | None, warm: bool,
               batch_size: int | None, sizes: tuple | None = None):
     """A jitted bound computation for this graph structure, vmapped over the
@@ -112,7 +131,7 @@ def _compiled(graph, method: str, spec_batched: bool | None, alpha: AlphaOptions
 
         return run
 
-    return _cached((graph.signature, method, spec_batched, alpha, warm, batch_size, sizes), build)
+    return _cached(_sized((graph.signature, method, spec_batched, alpha, warm, batch_size, sizes)), build)
 
 
 def _per_example(f, per_example, batch_size):
@@ -147,7 +166,7 @@ def _compiled_joint(graph, method: str, alpha: AlphaOptions | None, warm: bool, 
         return run
 
     key = ("joint", graph.signature, tuple(graph.perturbed_inputs), method, alpha, warm, sizes)
-    return _cached(key, build)
+    return _cached(_sized(key), build)
 
 
 def _compiled_joint_first(graph):

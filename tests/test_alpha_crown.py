@@ -375,3 +375,30 @@ def test_a_neuron_pinned_at_the_kink_keeps_its_column():
     b = jaxlirpa.bound(pinned, x, 0.3, method="alpha-crown", alpha=jaxlirpa.AlphaOptions(iterations=3))
     y = pinned(x)
     assert np.all(b.lower <= y + 1e-5) and np.all(b.upper >= y - 1e-5)
+
+
+def test_a_program_with_covering_sizes_is_reused_with_the_same_bounds():
+    """At eps 0.1 the net needs 16 kept columns and 6 rows; the program compiled at eps 0.12
+    (20 columns, 7 rows, the same 8 shared) covers them: it is reused, not compiled again,
+    and gives the bounds a program of the exact sizes gives."""
+    from jaxlirpa import api
+
+    graph, consts, _ = api.trace_per_example(net, X)
+    sizes = lambda eps: [(kind, k) for (kind, _, _), k in api._sparse_rows(  # noqa: E731
+        graph, "alpha-crown", None, api._compiled_first(graph, None), consts, jaxlirpa.LinfBall(eps).region(X))[1]]
+    assert sizes(0.12) == [("columns", 20), ("rows", 7), ("shared", 8)]
+    assert sizes(0.1) == [("columns", 16), ("rows", 6), ("shared", 8)]
+    opts = jaxlirpa.AlphaOptions(iterations=4, optimizer=optax.sgd(0.02))
+    api._CACHE.clear()
+    try:
+        jaxlirpa.bound(net, X, 0.12, method="alpha-crown", alpha=opts)
+        programs = len(api._CACHE)
+        reused = jaxlirpa.bound(net, X, 0.1, method="alpha-crown", alpha=opts)
+        assert len(api._CACHE) == programs
+        api._CACHE.clear()
+        exact = jaxlirpa.bound(net, X, 0.1, method="alpha-crown", alpha=opts)
+    finally:
+        api._CACHE.clear()
+    width = float(np.max(exact.upper - exact.lower))
+    np.testing.assert_allclose(reused.lower, exact.lower, atol=1e-5 * width)
+    np.testing.assert_allclose(reused.upper, exact.upper, atol=1e-5 * width)
