@@ -95,8 +95,8 @@ def _cached(key, build):
 
 def _sized(key):
     """``key``, whose last entry is alpha-CROWN's static sizes, or a cached key that differs
-    only in sizes covering these: as many up to twice as many rows and kept columns, as many
-    down to half as many shared columns. Such a program gives the same bounds (its spare
+    only in sizes covering these: from as many to twice as many rows and kept columns, from
+    as many to half as many shared columns. Such a program gives the same bounds (its spare
     rows re-bound stable neurons, its spare kept columns are zero), so a batch whose counts
     moved a little reuses a compiled program instead of compiling one more."""
     if key[-1] is None or key in _CACHE:
