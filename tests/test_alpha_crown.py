@@ -13,6 +13,7 @@ import pytest
 
 import jaxlirpa
 from jaxlirpa.attacks import pgd
+from jaxlirpa.testing import assert_sound
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import oracle  # noqa: E402
@@ -233,6 +234,7 @@ def test_selected_patch_rows_keep_alphas_full_sized_for_warm_starts():
     assert (2, 2, 2, 4, 4, 2, 3, 3) in leaves  # (batch, sides, O, *Y, C, *K): per patch entry
     width = float(np.max(crown.upper - crown.lower))
     np.testing.assert_allclose(runs[True].lower, runs[False].lower, atol=1e-5 * width)
+    assert_sound(two_convs, x, eps, method="alpha-crown", bounds=runs[True])
     for warm, sparse in ((runs[True], False), (runs[False], True)):
         again = jaxlirpa.bound(two_convs, x, eps, method="alpha-crown", alpha=opts[sparse], alpha_init=warm.alphas)
         assert np.all(again.lower >= crown.lower - 1e-5) and np.all(again.upper <= crown.upper + 1e-5)
@@ -291,8 +293,6 @@ def smooth():
 def test_smooth_activations_sound_and_tighter(smooth):
     """With and without an outer jit: never looser than CROWN, tighter overall, and sound
     against sampled and attacked points."""
-    from jaxlirpa.testing import assert_sound
-
     crown, *optimised = smooth
     for b in optimised:
         assert np.all(b.lower >= crown.lower - 1e-5) and np.all(b.upper <= crown.upper + 1e-5)
@@ -311,8 +311,6 @@ def product_net(x):
 
 def test_product_planes_tighten_soundly():
     """With only products to optimise: never looser than CROWN, tighter overall, and sound."""
-    from jaxlirpa.testing import assert_sound
-
     crown = jaxlirpa.bound(product_net, X, EPS, method="crown")
     b = jaxlirpa.bound(product_net, X, EPS, method="alpha-crown", alpha=jaxlirpa.AlphaOptions(iterations=10))
     assert np.all(b.lower >= crown.lower - 1e-5) and np.all(b.upper <= crown.upper + 1e-5)
@@ -375,6 +373,7 @@ def test_a_neuron_pinned_at_the_kink_keeps_its_column():
     b = jaxlirpa.bound(pinned, x, 0.3, method="alpha-crown", alpha=jaxlirpa.AlphaOptions(iterations=3))
     y = pinned(x)
     assert np.all(b.lower <= y + 1e-5) and np.all(b.upper >= y - 1e-5)
+    assert_sound(pinned, x, 0.3, method="alpha-crown", bounds=b)
 
 
 def test_a_program_with_covering_sizes_is_reused_with_the_same_bounds():
