@@ -105,7 +105,7 @@ class Slopes:
         key = f"{position}:{start}"
         init, lo, hi = rule.alpha_start(eqn, ops)
         if frame is not None:
-            if frame.selected is not None:
+            if frame.selected is not None and self.values is None:  # recording: keep every row's too
                 every = dataclasses.replace(frame, selected=None).unfold(init)
                 self.selected[key] = (frame.selected, jnp.broadcast_to(every, (2, rows, *every.shape)))
             init, lo, hi = map(frame.unfold, (init, lo, hi))
