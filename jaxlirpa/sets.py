@@ -70,15 +70,15 @@ class Region:
 
         sign=-1 gives the minimum (lower bound), +1 the maximum.
         """
-        axes = tuple(range(1, A.ndim))
-        mid, rad = (self.hi + self.lo) / 2, (self.hi - self.lo) / 2
-        box = jnp.sum(A * mid, axes) + sign * jnp.sum(jnp.abs(A) * rad, axes)
+        A = A.reshape(A.shape[0], -1)  # matrix-vector products: sums of A * x made
+        dot = lambda x: A @ x.reshape(-1)  # noqa: E731  (XLA:CPU materialise x broadcast to A)
+        box = dot((self.hi + self.lo) / 2) + sign * (jnp.abs(A) @ ((self.hi - self.lo) / 2).reshape(-1))
         if self.p == np.inf:
             return box
-        scaled = A * self.eps
-        dual = {2.0: lambda s: jnp.sqrt(jnp.sum(s * s, axes)),
-                1.0: lambda s: jnp.max(jnp.abs(s), axes)}[self.p](scaled)
-        ball = jnp.sum(A * self.center, axes) + sign * dual
+        scaled = A * self.eps.reshape(-1)
+        dual = {2.0: lambda s: jnp.sqrt(jnp.sum(s * s, 1)),
+                1.0: lambda s: jnp.max(jnp.abs(s), 1)}[self.p](scaled)
+        ball = dot(self.center) + sign * dual
         # Both are valid over the intersection; the tighter one wins.
         return jnp.minimum(box, ball) if sign > 0 else jnp.maximum(box, ball)
 

@@ -87,6 +87,14 @@ def conv_pullback(params: dict, x_aval, kernel):
     return lambda A: (pull(A, kernel),)
 
 
+def _row_dot(A, y):
+    """``<A_r, y>`` for every row ``r`` of ``A`` (zeros for ``y`` None), as a matrix-vector
+    product: summing ``A * y`` made XLA:CPU materialise ``y`` broadcast to ``A``'s shape."""
+    if y is None:
+        return jnp.zeros(A.shape[:1], A.dtype)
+    return A.reshape(A.shape[0], -1) @ y.reshape(-1)
+
+
 def _substitute(ops, values):
     values = iter(values)
     return [next(values) if isinstance(o, Perturbed) else o for o in ops]
@@ -159,25 +167,19 @@ class LinearRule(Rule):
             y0, pullback = jnp.zeros(eqn.out_avals[0].shape, eqn.out_avals[0].dtype), conv_pullback(eqn.params, eqn.in_avals[0], ops[1])
         else:
             y0, pullback = jax.vjp(self.affine(eqn, ops), *zeros)
-        if eqn.prim in _SCALINGS:
-            # A scaling of its one perturbed operand is 0 at 0. Written out, XLA:CPU
-            # (jaxlib 0.10.2) turns sum(A * dot(x, zeros)) into garbage or NaN under jit.
-            y0 = jnp.zeros_like(y0)
+        # A scaling of its one perturbed operand is 0 at 0: no bias (written out, XLA:CPU,
+        # jaxlib 0.10.2, turned sum(A * dot(x, zeros)) into garbage or NaN under jit).
+        offset = None if eqn.prim in _SCALINGS else y0
+        def pull(A):  # each side on its own: stacking them first cost a copy of both
+            if A is None:
+                return [None] * len(ops), None
+            pulled = iter(jax.vmap(pullback)(A))
+            return [next(pulled) if isinstance(o, Perturbed) else None for o in ops], _row_dot(A, offset)
+
+        (l_grads, lbias), (u_grads, ubias) = pull(lA), ((None, None) if lA is uA else pull(uA))
         if lA is uA:  # identical lower and upper rows (an identity start): pull once
-            pulled = jax.vmap(pullback)(lA)
-            bias = jnp.sum(lA * y0, axis=tuple(range(1, lA.ndim)))
-            pulled = iter(pulled)
-            return [(g, g) if isinstance(o, Perturbed) else None for o, g in
-                    ((o, next(pulled) if isinstance(o, Perturbed) else None) for o in ops)], bias, bias
-        As = [A for A in (lA, uA) if A is not None]
-        stacked = jnp.concatenate(As) if len(As) > 1 else As[0]
-        pulled = jax.vmap(pullback)(stacked)
-        bias = jnp.sum(stacked * y0, axis=tuple(range(1, stacked.ndim)))
-        rows = lA.shape[0] if lA is not None else 0
-        split = lambda t: (t[:rows] if lA is not None else None, t[rows:] if uA is not None else None)
-        pulled = iter(pulled)
-        grads = [split(next(pulled)) if isinstance(o, Perturbed) else None for o in ops]
-        lbias, ubias = split(bias)
+            u_grads, ubias = l_grads, lbias
+        grads = [(gl, gu) if isinstance(o, Perturbed) else None for o, gl, gu in zip(ops, l_grads, u_grads)]
         return grads, (0.0 if lbias is None else lbias), (0.0 if ubias is None else ubias)
 
     def pull_identity(self, eqn, ops):
