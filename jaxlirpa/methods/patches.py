@@ -137,8 +137,13 @@ class Patches:
         return f.dense_rows(D.reshape(f.rows.shape + D.shape[1:])).reshape(-1, *shape)
 
     def concretize(self, region, sign: int) -> jax.Array:
-        """``region.concretize`` of the dense rows, one window of the input at a time."""
+        """``region.concretize`` of the dense rows, one window of the input at a time
+        (a box: each entry against the box unfolded, as one elementwise pass; XLA:CPU
+        transposed the rows to map over the windows)."""
         f, n = self.frame, len(self.frame.kernel)
+        if region.p == np.inf:
+            mid, rad = f.unfold((region.hi + region.lo) / 2), f.unfold((region.hi - region.lo) / 2)
+            return f.row_sums(self.A * mid + sign * jnp.abs(self.A) * rad)
         per_window = lambda x: f.unfold(x).reshape(-1, *f.index.shape[:1], *f.kernel)
         local = dataclasses.replace(region, **{k: per_window(getattr(region, k)) for k in ("center", "eps", "lo", "hi")})
         if f.selected is not None:  # one window per row
