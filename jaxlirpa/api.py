@@ -12,7 +12,7 @@ import numpy as np
 from jaxlirpa import graph as graph_lib
 from jaxlirpa.methods import METHODS, AlphaOptions, bound_flat
 from jaxlirpa.methods.alpha_crown import first_bounds, static_size
-from jaxlirpa.methods.context import Context
+from jaxlirpa.methods.context import Context, exact_matmuls
 from jaxlirpa.rules.base import lookup
 from jaxlirpa.sets import Region, as_set, sets_per_leaf
 
@@ -87,7 +87,7 @@ def _cached(key, build):
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    _CACHE[key] = run = jax.jit(build())
+    _CACHE[key] = run = jax.jit(exact_matmuls(build()))
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return run

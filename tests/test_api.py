@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from jax import lax
 import jaxlirpa
 import jaxlirpa.testing
 from gradcheck import assert_grad_matches_finite_differences
+from jaxlirpa.methods import METHODS
 from jaxlirpa.rules.base import RULES
 from jaxlirpa.rules.relu import MaxWithConstant
 
@@ -229,6 +231,29 @@ def test_lax_conv_nchw_and_exact_linear():
     rad = lax.conv_general_dilated(jnp.full_like(x, 0.1), jnp.abs(W), (1, 1), "VALID",
                                    dimension_numbers=("NCHW", "OIHW", "NCHW"))
     np.testing.assert_allclose(b.lower, y - rad, rtol=1e-5, atol=1e-5)
+
+
+def _products(jaxpr):
+    """Every dot_general and convolution in ``jaxpr`` and the jaxprs nested in it."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _products(sub)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_matrix_product_of_a_bound_runs_at_full_precision(method):
+    """A GPU's TF32 or a TPU's bfloat16 passes (their float32 default, which the model here
+    asks for) would round bounds past reachable outputs: bounds ask for HIGHEST throughout."""
+    W = jax.random.normal(KEY, (3, 2, 3, 3))
+    fn = lambda x: jax.nn.relu(lax.conv_general_dilated(  # noqa: E731
+        x, W, (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))).reshape(1, -1) @ jnp.ones((27, 2))
+    x = jax.random.normal(KEY, (1, 2, 5, 5))
+    found = list(_products(jax.make_jaxpr(lambda x: jaxlirpa.bound(fn, x, 0.1, method=method))(x).jaxpr))
+    assert len(found) >= 2
+    for eqn in found:
+        assert eqn.params["precision"] == (lax.Precision.HIGHEST,) * 2, eqn
 
 
 @jax.custom_vjp

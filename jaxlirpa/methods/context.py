@@ -2,6 +2,8 @@
 unperturbed variables, the input regions, rule lookup and concretisation."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,16 @@ from jaxlirpa.graph import Const, Graph
 from jaxlirpa.methods.patches import Patches
 from jaxlirpa.rules.base import Interval, LinearBounds, Perturbed, lookup
 from jaxlirpa.sets import Region
+
+
+def exact_matmuls(fn):
+    """``fn`` traced with every matrix product it makes at full float32 precision
+    (``rules.linear.EXACT``): a GPU's or TPU's default rounds enough to make bounds unsound."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+    return traced
 
 
 class Context:

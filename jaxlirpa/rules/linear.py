@@ -34,10 +34,17 @@ def _narrows(eqn) -> bool:
             and jnp.finfo(dst).nmant < jnp.finfo(src).nmant)
 
 
+EXACT = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+"""Matrix products in bounds run at full float32 precision: a GPU's TF32 or a TPU's
+bfloat16 passes (their default for float32) round by ~1e-3, enough to cut off reachable
+outputs."""
+
+
 def _apply(prim, eqn, args):
     if prim is P.conv_general_dilated_p:
         return channels_last_conv(*args, **eqn.params)
-    out = prim.bind(*args, **eqn.params)
+    params = eqn.params | {"precision": EXACT} if prim is P.dot_general_p else eqn.params
+    out = prim.bind(*args, **params)
     return out[0] if prim.multiple_results else out
 
 
@@ -45,9 +52,11 @@ def channels_last_conv(lhs, rhs, *, dimension_numbers, transposed=False, **param
     """``conv_general_dilated`` computed in the channels-last layout (NHWC, HWIO),
     transposing in and out. XLA's CPU backend turns other layouts (torch's NCHW) into
     this one outside loops, but not inside a ``while`` body (``lax.map`` chunks,
-    alpha-CROWN's ``lax.scan``), where they ran up to 15x slower. ``transposed``: lay
+    alpha-CROWN's ``lax.scan``), where they ran up to 15x slower. At full precision
+    (:data:`EXACT`), whatever the traced convolution asked for. ``transposed``: lay
     the kernel out HWOI, for a convolution that is only ever transposed: JAX's
     transpose rule swaps it into the fast path's HWIO."""
+    params = params | {"precision": EXACT}
     lhs_spec, rhs_spec, out_spec = dimension_numbers
     nd = len(lhs_spec) - 2
     last = (0, nd + 1, *range(1, nd + 1))
