@@ -127,6 +127,8 @@ def trace(fn: Callable, example_args: list, perturbed_mask: list[bool]) -> tuple
     from jaxlirpa.patterns import fuse_composites  # a module that imports this one
     fuse_composites(graph)
     _rewrite_for_rules(graph, builder.branch_of)
+    from jaxlirpa.layout import channels_last  # a module that imports this one
+    channels_last(graph, builder.branch_of)
     _guard_branches(graph, builder.branch_of)
     _drop_dead(graph)
     _mark_perturbed(graph)

@@ -182,7 +182,8 @@ def test_selected_rows_are_crown_rows_dense_and_as_patches():
     region = jax.tree_util.tree_map(lambda a: a[0], jaxlirpa.LinfBall(EPS).region(X))
     context = lambda r: Context(graph, consts, [r.center], {graph.perturbed_inputs[0]: r})  # noqa: E731
     candidates = sparse_candidates(context(region))
-    assert [graph.avals[v].shape for v in candidates] == [(1, 24), (1, 2, 3, 5)]  # dense, conv
+    # dense, conv (NCHW in the model, traced channels-last: jaxlirpa/layout.py)
+    assert [graph.avals[v].shape for v in candidates] == [(1, 24), (1, 3, 5, 2)]
     first, counts = jax.jit(lambda r: first_bounds(context(r)))(region)
     for v in candidates:
         mask = np.asarray(unstable(context(region), first, v))
