@@ -48,12 +48,13 @@ def channels_last(graph: Graph, branch_of: dict[int, int]) -> None:
             eqns.append(e)
     graph.eqns = eqns
     _mark_perturbed(graph)
-    _sink_transposes(graph)
+    _sink_transposes(graph, branch_of)
 
 
-def _sink_transposes(graph: Graph) -> None:
+def _sink_transposes(graph: Graph, branch_of: dict[int, int]) -> None:
     """Move each transpose of a perturbed value past the pointwise equations that read it,
-    composing it with the transposes it meets (dropping the pairs that cancel)."""
+    composing it with the transposes it meets (dropping the pairs that cancel). A value made
+    in a branch chosen at run time (``branch_of``) stays marked so in its new layout."""
     moved: dict[int, tuple[int, tuple[int, ...]]] = {}  # v == transpose(a, perm): v -> (a, perm)
     rename: dict[int, int] = {}
     builder = _Builder(graph.avals)
@@ -61,22 +62,25 @@ def _sink_transposes(graph: Graph) -> None:
     for e in graph.eqns:
         e = dataclasses.replace(e, inputs=tuple(rename.get(v, v) if isinstance(v, int) else v for v in e.inputs))
         source = e.inputs[0] if e.inputs and isinstance(e.inputs[0], int) else None
-        if e.prim is P.transpose_p and source in moved:
-            a, perm = moved[source]
-            composed = tuple(perm[i] for i in e.params["permutation"])
-            if composed == tuple(range(len(composed))):
-                rename[e.outputs[0]] = a
-                continue
-            e = dataclasses.replace(e, inputs=(a,), params=e.params | {"permutation": composed},
-                                    in_avals=(graph.avals[a],))
-        elif e.prim is P.transpose_p and graph.is_perturbed(source):
-            moved[e.outputs[0]] = (source, tuple(e.params["permutation"]))
+        if e.prim is P.transpose_p and graph.is_perturbed(source):
+            perm = tuple(e.params["permutation"])
+            if source in moved:  # a transpose of a transpose: one, or none
+                source, first = moved[source]
+                perm = tuple(first[i] for i in perm)
+                if perm == tuple(range(len(perm))):
+                    rename[e.outputs[0]] = source
+                    continue
+                e = dataclasses.replace(e, inputs=(source,), params=e.params | {"permutation": perm},
+                                        in_avals=(graph.avals[source],))
+            moved[e.outputs[0]] = (source, perm)
         elif e.prim in _POINTWISE:
             sunk = _sunk(graph, builder, e, moved)
             if sunk is not None:
                 builder.eqns, glue = [], builder.eqns
                 eqns += glue + sunk[0]
                 moved[e.outputs[0]] = sunk[1]
+                if e.outputs[0] in branch_of:
+                    branch_of[sunk[1][0]] = branch_of[e.outputs[0]]
                 continue
         eqns.append(e)
     graph.eqns = eqns

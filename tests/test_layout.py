@@ -86,3 +86,22 @@ def test_bounds_equal_the_channels_last_models(method):
 @pytest.mark.parametrize("fn", [cnn, residual], ids=["cnn", "residual"])
 def test_sound(fn, method):
     assert_sound(fn, X, jaxlirpa.LinfBall(EPS), method=method)
+
+
+def branched(x, flag):
+    """Convolutions inside a ``cond``; the untaken branch (flag 1) takes the ``log`` of
+    possibly negative values."""
+    h = _conv(x, W1, 1, "SAME", "nchw")
+    a = lax.cond(flag > 0, lambda h: jax.nn.relu(_conv(h, W2, 1, "SAME", "nchw")),
+                 lambda h: jnp.log(jax.nn.relu(_conv(h, W2, 1, "SAME", "nchw"))), h)
+    return a.reshape(a.shape[0], -1)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_branch_chosen_at_run_time(method):
+    """The index a tracer of an outer jit: the bounds equal those with it known, and sound."""
+    ball = jaxlirpa.LinfBall(EPS)
+    b = jax.jit(lambda flag, x: jaxlirpa.bound(lambda z: branched(z, flag), x, ball, method=method))(jnp.int32(1), X)
+    ref = assert_sound(lambda z: branched(z, 1), X, ball, method=method)
+    np.testing.assert_allclose(b.lower, ref.lower, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b.upper, ref.upper, rtol=1e-5, atol=1e-5)
