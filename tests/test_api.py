@@ -243,9 +243,11 @@ def _products(jaxpr):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_matrix_product_of_a_bound_runs_at_full_precision(method):
+def test_every_matrix_product_of_a_bound_runs_at_full_precision(method, monkeypatch):
     """A GPU's TF32 or a TPU's bfloat16 passes (their float32 default, which the model here
-    asks for) would round bounds past reachable outputs: bounds ask for HIGHEST throughout."""
+    asks for) would round bounds past reachable outputs: off a CPU (here pretended: the jaxpr
+    is only traced), bounds ask for HIGHEST throughout."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     W = jax.random.normal(KEY, (3, 2, 3, 3))
     fn = lambda x: jax.nn.relu(lax.conv_general_dilated(  # noqa: E731
         x, W, (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))).reshape(1, -1) @ jnp.ones((27, 2))

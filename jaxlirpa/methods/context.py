@@ -11,14 +11,17 @@ import numpy as np
 from jaxlirpa.graph import Const, Graph
 from jaxlirpa.methods.patches import Patches
 from jaxlirpa.rules.base import Interval, LinearBounds, Perturbed, lookup
+from jaxlirpa.rules.linear import exact_precision
 from jaxlirpa.sets import Region
 
 
 def exact_matmuls(fn):
-    """``fn`` traced with every matrix product it makes at full float32 precision
-    (``rules.linear.EXACT``): a GPU's or TPU's default rounds enough to make bounds unsound."""
+    """``fn`` traced with every matrix product it makes at ``rules.linear.exact_precision()``:
+    full float32 where the backend's default rounds enough to make bounds unsound."""
     @functools.wraps(fn)
     def traced(*args, **kwargs):
+        if exact_precision() is None:
+            return fn(*args, **kwargs)
         with jax.default_matmul_precision("highest"):
             return fn(*args, **kwargs)
     return traced

@@ -34,16 +34,19 @@ def _narrows(eqn) -> bool:
             and jnp.finfo(dst).nmant < jnp.finfo(src).nmant)
 
 
-EXACT = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
-"""Matrix products in bounds run at full float32 precision: a GPU's TF32 or a TPU's
-bfloat16 passes (their default for float32) round by ~1e-3, enough to cut off reachable
-outputs."""
+def exact_precision():
+    """The precision of every matrix product in a bound, decided while tracing: full float32
+    (``HIGHEST``) where the default rounds, a GPU's TF32 or a TPU's bfloat16 passes, by ~1e-3,
+    enough to cut off reachable outputs; None (the model's own) on a CPU, whose float32
+    products are exact anyway and which compiled the whole test suite 20 % slower at HIGHEST."""
+    return None if jax.default_backend() == "cpu" else (jax.lax.Precision.HIGHEST,) * 2
 
 
 def _apply(prim, eqn, args):
     if prim is P.conv_general_dilated_p:
         return channels_last_conv(*args, **eqn.params)
-    params = eqn.params | {"precision": EXACT} if prim is P.dot_general_p else eqn.params
+    exact = exact_precision()
+    params = eqn.params | {"precision": exact} if prim is P.dot_general_p and exact else eqn.params
     out = prim.bind(*args, **params)
     return out[0] if prim.multiple_results else out
 
@@ -53,10 +56,10 @@ def channels_last_conv(lhs, rhs, *, dimension_numbers, transposed=False, **param
     transposing in and out. XLA's CPU backend turns other layouts (torch's NCHW) into
     this one outside loops, but not inside a ``while`` body (``lax.map`` chunks,
     alpha-CROWN's ``lax.scan``), where they ran up to 15x slower. At full precision
-    (:data:`EXACT`), whatever the traced convolution asked for. ``transposed``: lay
+    (:func:`exact_precision`), whatever the traced convolution asked for. ``transposed``: lay
     the kernel out HWOI, for a convolution that is only ever transposed: JAX's
     transpose rule swaps it into the fast path's HWIO."""
-    params = params | {"precision": EXACT}
+    params = params | {"precision": exact_precision() or params.get("precision")}
     lhs_spec, rhs_spec, out_spec = dimension_numbers
     nd = len(lhs_spec) - 2
     last = (0, nd + 1, *range(1, nd + 1))
