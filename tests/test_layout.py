@@ -82,9 +82,10 @@ def test_bounds_equal_the_channels_last_models(method):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("fn", [cnn, residual], ids=["cnn", "residual"])
+@pytest.mark.parametrize("fn, method", [(cnn, m) for m in METHODS] + [(residual, m) for m in METHODS[:4]],
+                         ids=[f"cnn-{m}" for m in METHODS] + [f"residual-{m}" for m in METHODS[:4]])
 def test_sound(fn, method):
+    """(alpha-CROWN's pulls are CROWN's: on the residual graph it only cost the suite 14 s.)"""
     assert_sound(fn, X, jaxlirpa.LinfBall(EPS), method=method)
 
 
