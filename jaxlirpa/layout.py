@@ -19,18 +19,13 @@ import numpy as np
 from jax import lax
 
 from jaxlirpa._compat import lax_primitives as P
-from jaxlirpa.graph import Const, Eqn, Graph, _Builder, _expand, _mark_perturbed
-from jaxlirpa.rules.linear import channels_last_conv
+from jaxlirpa.graph import Const, Eqn, Graph, _Builder, _expand, _mark_perturbed, leaky_relu_p
+from jaxlirpa.rules.linear import channels_last_conv, channels_last_numbers
 
 # Pointwise in every operand (size-1 axes broadcast): a transpose commutes with them.
 _POINTWISE = {P.add_p, P.sub_p, P.mul_p, P.div_p, P.max_p, P.min_p, P.neg_p, P.abs_p, P.exp_p, P.log_p,
               P.tanh_p, P.logistic_p, P.sin_p, P.cos_p, P.sqrt_p, P.rsqrt_p, P.integer_pow_p, P.erf_p,
-              P.convert_element_type_p, P.copy_p, P.stop_gradient_p}
-
-
-def _canonical(nd: int) -> lax.ConvDimensionNumbers:
-    last = (0, nd + 1, *range(1, nd + 1))
-    return lax.ConvDimensionNumbers(last, (nd + 1, nd, *range(nd)), last)
+              P.convert_element_type_p, P.copy_p, P.stop_gradient_p, leaky_relu_p}
 
 
 def channels_last(graph: Graph, branch_of: dict[int, int]) -> None:
@@ -42,7 +37,7 @@ def channels_last(graph: Graph, branch_of: dict[int, int]) -> None:
         p = e.params
         if (e.prim is P.conv_general_dilated_p and graph.is_perturbed(e.inputs[0])
                 and not graph.is_perturbed(e.inputs[1])
-                and tuple(p["dimension_numbers"]) != tuple(_canonical(len(e.in_avals[0].shape) - 2))):
+                and tuple(p["dimension_numbers"]) != tuple(channels_last_numbers(len(e.in_avals[0].shape) - 2))):
             eqns += _expand(graph, e, lambda x, w, p=p: channels_last_conv(x, w, **p), branch_of)
         else:
             eqns.append(e)

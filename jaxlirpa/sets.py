@@ -70,8 +70,9 @@ class Region:
 
         sign=-1 gives the minimum (lower bound), +1 the maximum.
         """
-        A = A.reshape(A.shape[0], -1)  # matrix-vector products: sums of A * x made
-        dot = lambda x: A @ x.reshape(-1)  # noqa: E731  (XLA:CPU materialise x broadcast to A)
+        # Matrix-vector products: the sums of A * x made XLA:CPU write x out broadcast to A.
+        A = A.reshape(A.shape[0], -1)
+        dot = lambda x: A @ x.reshape(-1)  # noqa: E731
         box = dot((self.hi + self.lo) / 2) + sign * (jnp.abs(A) @ ((self.hi - self.lo) / 2).reshape(-1))
         if self.p == np.inf:
             return box

@@ -31,11 +31,11 @@ def _conv(x, w, stride, padding, layout):
     return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
 
 
-def cnn(x, layout="nchw"):
+def cnn(x, layout="nchw", act=jax.nn.relu):
     """conv, bias, ReLU, conv, bias, ReLU, flatten (torch's channel-major order), dense."""
     bias = (lambda b: b[None, :, None, None]) if layout == "nchw" else (lambda b: b)
-    y = jax.nn.relu(_conv(x, W1, 1, "VALID", layout) + bias(B1))
-    y = jax.nn.relu(_conv(y, W2, 1, "SAME", layout) + bias(B2))
+    y = act(_conv(x, W1, 1, "VALID", layout) + bias(B1))
+    y = act(_conv(y, W2, 1, "SAME", layout) + bias(B2))
     if layout == "nhwc":
         y = jnp.transpose(y, (0, 3, 1, 2))
     return y.reshape(y.shape[0], -1) @ WD.T
@@ -58,8 +58,13 @@ def _layout_changes(fn):
     return convs, moves
 
 
-def test_torch_layout_convolutions_meet_without_layout_changes():
-    convs, moves = _layout_changes(cnn)
+def leaky(x):
+    return cnn(x, act=lambda t: jax.nn.leaky_relu(t, 0.1))
+
+
+@pytest.mark.parametrize("fn", [cnn, leaky], ids=["relu", "leaky_relu"])
+def test_torch_layout_convolutions_meet_without_layout_changes(fn):
+    convs, moves = _layout_changes(fn)
     channels_last = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
     assert len(convs) == 2 and all(tuple(e.params["dimension_numbers"]) == tuple(channels_last) for e in convs)
     assert len(moves) == 2  # the input, the flatten: none between the convolutions
@@ -82,8 +87,9 @@ def test_bounds_equal_the_channels_last_models(method):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fn, method", [(cnn, m) for m in METHODS] + [(residual, m) for m in METHODS[:4]],
-                         ids=[f"cnn-{m}" for m in METHODS] + [f"residual-{m}" for m in METHODS[:4]])
+@pytest.mark.parametrize("fn, method", [(cnn, m) for m in METHODS] + [(residual, m) for m in METHODS[:4]]
+                         + [(leaky, "crown")],
+                         ids=[f"cnn-{m}" for m in METHODS] + [f"residual-{m}" for m in METHODS[:4]] + ["leaky-crown"])
 def test_sound(fn, method):
     """(alpha-CROWN's pulls are CROWN's: on the residual graph it only cost the suite 14 s.)"""
     assert_sound(fn, X, jaxlirpa.LinfBall(EPS), method=method)

@@ -52,6 +52,14 @@ def _apply(prim, eqn, args):
     return out[0] if prim.multiple_results else out
 
 
+def channels_last_numbers(nd: int, transposed: bool = False) -> jax.lax.ConvDimensionNumbers:
+    """The dimension numbers of an ``nd``-d channels-last convolution: NHWC, HWIO (HWOI when
+    ``transposed``), NHWC."""
+    last = (0, nd + 1, *range(1, nd + 1))
+    kernel = (nd, nd + 1) if transposed else (nd + 1, nd)
+    return jax.lax.ConvDimensionNumbers(last, (*kernel, *range(nd)), last)
+
+
 def channels_last_conv(lhs, rhs, *, dimension_numbers, transposed=False, **params):
     """``conv_general_dilated`` computed in the channels-last layout (NHWC, HWIO),
     transposing in and out. XLA's CPU backend turns other layouts (torch's NCHW) into
@@ -62,10 +70,7 @@ def channels_last_conv(lhs, rhs, *, dimension_numbers, transposed=False, **param
     transpose rule swaps it into the fast path's HWIO."""
     params = params | {"precision": exact_precision() or params.get("precision")}
     lhs_spec, rhs_spec, out_spec = dimension_numbers
-    nd = len(lhs_spec) - 2
-    last = (0, nd + 1, *range(1, nd + 1))
-    kernel = (nd, nd + 1) if transposed else (nd + 1, nd)
-    canonical = jax.lax.ConvDimensionNumbers(last, (*kernel, *range(nd)), last)
+    canonical = channels_last_numbers(len(lhs_spec) - 2, transposed)
     if tuple(dimension_numbers) == tuple(canonical):
         return P.conv_general_dilated_p.bind(lhs, rhs, dimension_numbers=dimension_numbers, **params)
     order = (*rhs_spec[2:], *((rhs_spec[0], rhs_spec[1]) if transposed else (rhs_spec[1], rhs_spec[0])))
