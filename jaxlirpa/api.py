@@ -13,6 +13,7 @@ from jaxlirpa import graph as graph_lib
 from jaxlirpa.methods import METHODS, AlphaOptions, bound_flat
 from jaxlirpa.methods.alpha_crown import first_bounds, static_size
 from jaxlirpa.methods.context import Context, exact_matmuls
+from jaxlirpa.methods.staged import is_concrete, stage
 from jaxlirpa.rules.base import lookup
 from jaxlirpa.sets import Region, as_set, sets_per_leaf
 
@@ -188,11 +189,59 @@ def _sparse_rows(graph, method: str, alpha: AlphaOptions | None, first_run, *arg
     opts = alpha or AlphaOptions()
     if method != "alpha-crown" or not (opts.optimize_intermediate and opts.sparse_intermediate):
         return None, None
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(args)):
+    if not is_concrete(args):
         return None, None
     first, counts = first_run(*args)
     sizes = tuple(sorted((key, static_size(key, np.asarray(c))) for key, c in counts.items()))
     return first, sizes
+
+
+def _compiled_stage(graph, sizes: tuple):
+    """A jitted stage of staged CROWN (``methods/staged.py``), vmapped, sized by ``sizes``."""
+
+    def build():
+        def run(consts, region, known):
+            def one(r, k):
+                return stage(Context(graph, consts, [r.center], {graph.perturbed_inputs[0]: r}), k, dict(sizes))
+            return jax.vmap(one)(region, known)
+
+        return run
+
+    return _cached(_sized((graph.signature, "stage", sizes)), build)
+
+
+def _crown_stages(graph, consts, region):
+    """CROWN's bounds from its stages and the column sizes they read (one host read per
+    stage, see ``methods/staged.py``), or ``(None, None)`` with no ReLU worth sizing."""
+    known, sizes, later = {}, {}, 1
+    while later:
+        fresh, counts, later = _compiled_stage(graph, tuple(sorted(sizes.items())))(consts, region, known)
+        if not counts:
+            break
+        known |= fresh
+        sizes |= {key: static_size(key, np.asarray(n)) for key, n in counts.items()}
+        later = int(np.max(later))
+    return (known, tuple(sorted(sizes.items()))) if sizes else (None, None)
+
+
+def _staged_crown(graph, spec_batched, batch_size: int | None, consts, region, C):
+    """CROWN's ``(lower, upper, None)`` in stages (``methods/staged.py``), ``batch_size``
+    examples at a time (each chunk sized by its own counts), or None when there is nothing
+    to stage: traced arguments (under an outer jit), or no ReLU worth sizing."""
+    if not is_concrete(consts, region, C):
+        return None
+    n = jax.tree_util.tree_leaves(region)[0].shape[0]
+    step, lower, upper = batch_size or n, [], []
+    for start in range(0, n, step):
+        part = jax.tree_util.tree_map(lambda a: a[start:start + step], region)
+        first, sizes = _crown_stages(graph, consts, part)
+        if sizes is None:
+            return None
+        run = _compiled(graph, "crown", spec_batched, None, False, None, sizes)
+        lo, hi, _ = run(consts, part, C[start:start + step] if spec_batched else C, None, first)
+        lower.append(lo)
+        upper.append(hi)
+    return jnp.concatenate(lower), jnp.concatenate(upper), None
 
 
 def _check_rules(graph) -> None:
@@ -249,6 +298,11 @@ def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None,
     - ``batch_size``: bound this many examples at a time (``jax.lax.map``), to cap
       memory; by default the whole batch at once (``jax.vmap``).
 
+    Called outside ``jax.jit``, ``"crown"`` runs in stages whose products skip the columns
+    each ReLU layer zeroes, sized by host reads of their counts (``methods/staged.py``; the
+    same bounds, about 1.6x faster on a deep MLP); its ``batch_size`` chunks then run one
+    after another, each sized by its own counts.
+
     Example::
 
         b = jaxlirpa.bound(lambda x: model.apply(params, x), x, 0.1, method="crown")
@@ -277,10 +331,13 @@ def bound(fn: Callable, x, eps_or_set, *, method: str = "crown", spec=None,
             raise TypeError("alpha_init for a pytree of outputs is the list of alphas an earlier result returned.")
     C = _check_spec(spec, x.shape[0], int(np.prod(out.shape[1:])), out.dtype) if hasattr(out, "shape") else None
     try:
-        first, sizes = _sparse_rows(graph, method, alpha, _compiled_first(graph, batch_size), consts, region)
-        run = _compiled(graph, method, None if C is None else C.ndim == 3, alpha, alpha_init is not None,
-                        batch_size, sizes)
-        lower, upper, slopes = run(consts, region, C, alpha_init, first)
+        spec_batched = None if C is None else C.ndim == 3
+        found = _staged_crown(graph, spec_batched, batch_size, consts, region, C) if method == "crown" else None
+        if found is None:
+            first, sizes = _sparse_rows(graph, method, alpha, _compiled_first(graph, batch_size), consts, region)
+            run = _compiled(graph, method, spec_batched, alpha, alpha_init is not None, batch_size, sizes)
+            found = run(consts, region, C, alpha_init, first)
+        lower, upper, slopes = found
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise

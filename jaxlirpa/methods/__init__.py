@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlirpa.methods.alpha_crown import AlphaOptions, alpha_crown
+from jaxlirpa.methods.alpha_crown import AlphaOptions, alpha_crown, use_columns
 from jaxlirpa.methods.context import Context
 from jaxlirpa.methods.crown import backward, concretize, crown_intervals, pull_back
 from jaxlirpa.methods.forward import forward_linear
@@ -52,7 +52,8 @@ def _fused_spec(ctx: Context, out, A, bounds, linear=None) -> Interval:
 def bound_flat(ctx: Context, method: str, C, alpha: AlphaOptions | None = None, warm=None, first=None, sizes=None):
     """Bounds of ``C @ flat(output)`` (or of the flat output when C is None) for one
     example, and alpha-CROWN's optimised slopes (None for other methods).
-    ``first`` and ``sizes``: alpha-CROWN's sparse intermediate bounds (``alpha_crown``).
+    ``first`` and ``sizes``: alpha-CROWN's sparse intermediate bounds (``alpha_crown``),
+    or, for CROWN, the bounds of its earlier stages and its column sizes (``staged``).
 
     A graph with several outputs (``fn`` returned a pytree; no spec) gets the flat
     outputs one after another, sharing the intermediate bounds: one pass of the
@@ -63,7 +64,7 @@ def bound_flat(ctx: Context, method: str, C, alpha: AlphaOptions | None = None, 
             warm = warm or [None] * len(outs)
             found = [_bound_one(ctx, o, method, None, alpha, w, first, sizes) for o, w in zip(outs, warm)]
             return _join([b for b, _ in found]), [s for _, s in found]
-        return _join(_one_shot(ctx, method, None, outs)), None
+        return _join(_one_shot(ctx, method, None, outs, first, sizes)), None
     return _bound_one(ctx, outs[0], method, C, alpha, warm, first, sizes)
 
 
@@ -84,7 +85,7 @@ def _bound_one(ctx: Context, out, method: str, C, alpha: AlphaOptions | None, wa
         if opts.bound != "both":
             return alpha_crown(ctx, out, A, opts, warm, first, sizes)[:2]
         return _both_sides(ctx, out, A, opts, warm, first, sizes)
-    return _one_shot(ctx, method, C, [out])[0], None
+    return _one_shot(ctx, method, C, [out], first, sizes)[0], None
 
 
 def _both_sides(ctx: Context, out, A, opts: AlphaOptions, warm, first, sizes):
@@ -110,8 +111,18 @@ def _both_sides(ctx: Context, out, A, opts: AlphaOptions, warm, first, sizes):
     return Interval(lower[0], -lower[1]), {"lower": side(0), "upper": side(1)}
 
 
-def _one_shot(ctx: Context, method: str, C, outs) -> list[Interval]:
-    """Flat bounds of each of ``outs`` (of ``C @ out`` for a single one), by one pass."""
+def _crown_bounds(ctx: Context, known, sizes) -> dict[int, Interval]:
+    """CROWN's intermediate bounds, those of its earlier stages (``known``) taken as they are,
+    its pulls through the column candidates sized in ``sizes`` keeping that many columns."""
+    if known is None:
+        return crown_intervals(ctx)
+    use_columns(ctx, known, sizes)
+    return crown_intervals(ctx, known=known)
+
+
+def _one_shot(ctx: Context, method: str, C, outs, known=None, sizes=None) -> list[Interval]:
+    """Flat bounds of each of ``outs`` (of ``C @ out`` for a single one), by one pass
+    (CROWN's stages before it: ``known`` and ``sizes``, see :func:`_crown_bounds`)."""
     flat = lambda b: Interval(b.lower.reshape(-1), b.upper.reshape(-1))  # noqa: E731
     constant = {o: flat(Interval(ctx.value(o), ctx.value(o))) for o in outs if not ctx.graph.is_perturbed(o)}
     live = [o for o in outs if o not in constant]
@@ -123,7 +134,7 @@ def _one_shot(ctx: Context, method: str, C, outs) -> list[Interval]:
         if method == "forward":
             linear, bounds = forward_linear(ctx)
             return [_fused_spec(ctx, out, A, bounds, linear)]
-        bounds = crown_intervals(ctx) if method == "crown" else ibp_intervals(ctx)
+        bounds = _crown_bounds(ctx, known, sizes) if method == "crown" else ibp_intervals(ctx)
         return [Interval(*backward(ctx, out, A, A, bounds))]
     if method == "ibp":
         found = ibp_intervals(ctx, tuple(live))
@@ -131,7 +142,7 @@ def _one_shot(ctx: Context, method: str, C, outs) -> list[Interval]:
         linear = forward_linear(ctx)[0]
         found = {o: ctx.concretize_linear(linear[o]) for o in live}
     else:
-        bounds = crown_intervals(ctx) if method == "crown" else ibp_intervals(ctx)
+        bounds = _crown_bounds(ctx, known, sizes) if method == "crown" else ibp_intervals(ctx)
         found = {}
         for o in live:  # an output that is also an intermediate already has CROWN's bound (crown)
             if method == "crown" and o in bounds:

@@ -182,19 +182,37 @@ def column_ranks(ctx: Context, bounds, eqn) -> jax.Array:
     return jnp.where(mask(rule.passes), 0, rank) if hasattr(rule, "passes") else rank
 
 
+def column_counts(ctx: Context, bounds, eqn) -> dict[tuple, jax.Array]:
+    """The counts that size the columns kept through a column candidate: ``("columns",
+    position, size)``, the inputs it does not hold constant, and ``("shared", position,
+    size)``, those it passes through unchanged."""
+    rank = column_ranks(ctx, bounds, eqn)
+    return {("columns", ctx.position[eqn], rank.size): jnp.sum(rank < 2),
+            ("shared", ctx.position[eqn], rank.size): jnp.sum(rank == 0)}
+
+
+def use_columns(ctx: Context, bounds, sizes: dict[tuple, int]) -> None:
+    """Make the rows pulled through each column candidate sized in ``sizes`` (static,
+    keyed as :func:`column_counts`) keep that many columns, the non-constant inputs at
+    ``bounds`` first, the first ``shared`` of them passed through unchanged."""
+    shared = {at: k for (kind, at, _), k in sizes.items() if kind == "shared"}
+    for (kind, at, _), k in sizes.items():
+        if kind == "columns":
+            eqn = ctx.perturbed_eqns[at]
+            order = jnp.argsort(column_ranks(ctx, bounds, eqn), stable=True)
+            ctx.columns[eqn] = Columns(order, jnp.argsort(order), k, shared.get(at, 0))
+
+
 def first_bounds(ctx: Context):
     """CROWN's intermediate bounds, and the counts that size alpha-CROWN's sparse passes
     (the caller turns them into static sizes, :func:`static_size`): keyed ``("rows", v,
-    size)``, the unstable neurons of each sparse candidate ``v``, ``("columns", position,
-    size)``, the inputs each column candidate does not hold constant, and ``("shared",
-    position, size)``, those it passes through unchanged."""
+    size)``, the unstable neurons of each sparse candidate ``v``, and as
+    :func:`column_counts` for each column candidate."""
     first = crown_intervals(ctx)
     size = lambda v: int(np.prod(ctx.graph.avals[v].shape))  # noqa: E731
     counts = {("rows", v, size(v)): jnp.sum(unstable(ctx, first, v)) for v in sparse_candidates(ctx)}
     for eqn in column_candidates(ctx):
-        rank = column_ranks(ctx, first, eqn)
-        counts[("columns", ctx.position[eqn], rank.size)] = jnp.sum(rank < 2)
-        counts[("shared", ctx.position[eqn], rank.size)] = jnp.sum(rank == 0)
+        counts |= column_counts(ctx, first, eqn)
     return first, counts
 
 
@@ -236,14 +254,8 @@ def alpha_crown(ctx: Context, out: int, A, opts: AlphaOptions, warm: dict | None
         first = jax.lax.stop_gradient(first)
         first_of = lambda mask, k: jax.lax.top_k(mask.astype(jnp.float32), k)[1]  # noqa: E731
         sizes = sizes or {}
-        shared = {at: k for (kind, at, _), k in sizes.items() if kind == "shared"}
-        for (kind, at, _), k in sizes.items():
-            if kind == "rows":
-                index[at] = first_of(unstable(ctx, first, at), k)
-            elif kind == "columns":
-                eqn = ctx.perturbed_eqns[at]
-                order = jnp.argsort(column_ranks(ctx, first, eqn), stable=True)
-                ctx.columns[eqn] = Columns(order, jnp.argsort(order), k, shared.get(at, 0))
+        index = {at: first_of(unstable(ctx, first, at), k) for (kind, at, _), k in sizes.items() if kind == "rows"}
+        use_columns(ctx, first, sizes)
         # Records the slopes of the rows kept; its bounds are first's again, so they are
         # dropped and XLA drops the pass (the slopes' initial values need only first).
         crown_intervals(ctx, first, rows=index)

@@ -67,7 +67,7 @@ class SharedColumns:
         common_bias = self.common @ bk[:s]
         if J is None:
             return (self, common_bias + self.lower @ bk[s:]), (self, common_bias + self.upper @ bk[s:])
-        Jk = J[self.index].reshape(self.index.shape[0], -1)
+        Jk = J[self.index].reshape(self.index.shape[0], int(np.prod(J.shape[1:])))  # no -1: k may be 0
         common = self.common @ Jk[:s]
         side = lambda rest: ((common + rest @ Jk[s:]).reshape(-1, *J.shape[1:]), common_bias + rest @ bk[s:])  # noqa: E731
         return side(self.lower), side(self.upper)
@@ -92,7 +92,7 @@ def _shortcut_step(ctx: Context, eqn, ops, A_l, A_u):
         if J is None:
             return A, A.A @ bias[A.index]
         Jk = J[A.index]
-        return (A.A @ Jk.reshape(Jk.shape[0], -1)).reshape(-1, *Jk.shape[1:]), A.A @ bias[A.index]
+        return (A.A @ Jk.reshape(Jk.shape[0], int(np.prod(Jk.shape[1:])))).reshape(-1, *Jk.shape[1:]), A.A @ bias[A.index]
 
     if isinstance(A_l, SharedColumns):
         (gl, lb), (gu, ub) = A_l.through(J, bias)
@@ -143,6 +143,8 @@ def _gathered_fwd(A, index, inverse):
 
 
 def _gathered_bwd(inverse, g):
+    if g.shape[1] == 0:  # no column kept (a layer all inactive): jnp.take cannot read an empty axis
+        return jnp.zeros((g.shape[0], inverse.shape[0]), g.dtype), None, None
     return jnp.take(g, inverse, axis=1, mode="fill", fill_value=0), None, None
 
 
@@ -272,7 +274,8 @@ def needed_intervals(ctx: Context, bounds, compute) -> dict[int, Interval]:
 
     A variable made by an elementwise rule from bounded inputs takes that rule's
     interval image (exact for the input box, and never looser than a linear
-    bound through the same relaxation); others get ``compute(v, bounds)``.
+    bound through the same relaxation); others get ``compute(v, bounds)``, which
+    may return None to stop there (the bounds found so far are returned).
     """
     producer = ctx.graph.producer()
     for eqn in ctx.perturbed_eqns:
@@ -286,12 +289,16 @@ def needed_intervals(ctx: Context, bounds, compute) -> dict[int, Interval]:
                     u in bounds for u in maker.inputs if ctx.graph.is_perturbed(u)):
                 bounds[v] = ctx.rule(maker).interval(maker, ctx.operands(maker, bounds))
             else:
-                bounds[v] = compute(v, bounds)
+                found = compute(v, bounds)
+                if found is None:
+                    return bounds
+                bounds[v] = found
     return bounds
 
 
 def crown_intervals(ctx: Context, reference: dict[int, Interval] | None = None,
-                    combine=None, rows: dict[int, jax.Array] | None = None) -> dict[int, Interval]:
+                    combine=None, rows: dict[int, jax.Array] | None = None,
+                    known: dict[int, Interval] | None = None, pause=frozenset()) -> dict[int, Interval]:
     """CROWN bounds on the inputs of every nonlinear rule, met with ``reference``
     (IBP's by default; alpha-CROWN passes its best bounds so far): where IBP is
     exact (the first linear layer on a box) the reference is taken as it is,
@@ -299,7 +306,10 @@ def crown_intervals(ctx: Context, reference: dict[int, Interval] | None = None,
     looser than IBP, e.g. of ``2 + x * x``, whose McCormick plane dips below 2:
     met with IBP it stays in the domain of a following ``1 / .``.) ``combine(fresh,
     reference)`` replaces :func:`meet` (alpha-CROWN's changes only the gradient).
-    ``rows`` (``{v: flat index}``) re-bounds only those elements of ``v``."""
+    ``rows`` (``{v: flat index}``) re-bounds only those elements of ``v``. ``known``
+    bounds are taken as they are (an earlier stage's, ``methods/staged.py``); once any
+    variable of ``pause`` is bounded, the next CROWN pass is not made: the bounds found
+    so far are returned."""
     from jaxlirpa.methods.ibp import ibp_exact, ibp_intervals
 
     exact = ibp_exact(ctx)
@@ -309,11 +319,13 @@ def crown_intervals(ctx: Context, reference: dict[int, Interval] | None = None,
     def compute(v, bounds):
         if v in exact:
             return ref[v]
+        if any(p in bounds for p in pause):
+            return None
         if v in rows:
             return combine(selected_interval(ctx, v, bounds, rows[v], ref[v]), ref[v])
         return combine(interval_of(ctx, v, bounds), ref[v])
 
-    return needed_intervals(ctx, ctx.input_intervals(), compute)
+    return needed_intervals(ctx, ctx.input_intervals() | dict(known or {}), compute)
 
 
 def meet(a: Interval, b: Interval) -> Interval:
