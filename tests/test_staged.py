@@ -28,6 +28,12 @@ def mlp(x, bias_shift=0.0):
     return x
 
 
+def branches(x):
+    """A residual join and one ReLU read by two layers; a clipped ReLU (relu6) among them."""
+    h = jax.nn.relu(x @ WS[0] + BS[0])
+    return (h + jax.nn.relu6(h @ WS[1]) @ WS[2] + jax.nn.relu(h @ WS[1] - 0.2) @ WS[2]) @ WS[3]
+
+
 @pytest.fixture
 def stages(monkeypatch):
     """The column sizes of every staged CROWN call (None: not staged)."""
@@ -46,13 +52,15 @@ def _dense(fn, x, **kw):
     return jax.jit(lambda x: jaxlirpa.bound(fn, x, EPS, method="crown", **kw))(x)
 
 
-@pytest.mark.parametrize("case", ["plain", "spec", "chunks", "pytree"])
+@pytest.mark.parametrize("case", ["plain", "spec", "chunks", "pytree", "branches"])
 def test_staged_crown_equals_dense_crown_and_is_sound(case, stages):
     fn, kw = mlp, {}
     if case == "spec":
         kw["spec"] = jaxlirpa.margin_spec(jnp.array([0, 2, 3]), SIZES[-1])
     elif case == "chunks":  # chunks of 2: the last one smaller, each sized by its own counts
         kw["batch_size"] = 2
+    elif case == "branches":
+        fn = branches
     elif case == "pytree":
         fn = lambda x: {"logits": mlp(x), "hidden": jax.nn.relu(x @ WS[0] + BS[0]) @ WS[1]}  # noqa: E731
     staged = jaxlirpa.bound(fn, X, EPS, method="crown", **kw)
@@ -64,7 +72,7 @@ def test_staged_crown_equals_dense_crown_and_is_sound(case, stages):
     dense = _dense(fn, X, **kw)
     for a, b in zip(jax.tree_util.tree_leaves(staged), jax.tree_util.tree_leaves(dense)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    if case == "spec":  # (the suite's other eager CROWN soundness tests run staged too)
+    if case in ("spec", "branches"):  # (the suite's other eager CROWN soundness tests run staged too)
         assert_sound(fn, X, EPS, method="crown", spec=kw.get("spec"), bounds=staged, n_samples=128)
 
 
