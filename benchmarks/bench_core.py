@@ -8,7 +8,8 @@ Not a test: run it by hand, never from CI.
 Every (model, method) pair runs in a fresh subprocess (so peak RSS, thread settings and a
 crash or memory blow-up belong to that pair alone) under a compile timeout, a wall-clock
 timeout and a memory limit. In each subprocess the bound is compiled as
-``jax.jit(lambda params, x: jaxlirpa.bound(partial(apply, params), x, eps, method=m))``:
+``jax.jit(lambda params, x: jaxlirpa.bound(partial(apply, params), x, eps, method=m),
+compiler_options=jaxlirpa.compiler_options(m))`` (as the README advises; ``--xla-defaults``: without):
 trace+lower and XLA compile are timed apart from the steady-state calls (median and min of
 ``--repeats`` calls after one warm-up call, each ``jax.block_until_ready``). The un-jitted
 ``jaxlirpa.bound(...)`` call (which re-traces ``fn`` on every call) is timed too, as ``api ms``.
@@ -214,7 +215,9 @@ def child_jaxlirpa(cfg: dict) -> dict:
     kw = {"batch_size": cfg["batch_size"]} if cfg.get("batch_size") else {}
     if method == "alpha-crown":
         return _child_alpha(cfg, jaxlirpa, functools.partial(apply, params), x, eps, kw, rec, rss0)
-    fn = jax.jit(lambda p, xx: jaxlirpa.bound(functools.partial(apply, p), xx, eps, method=method, **kw))
+    options = None if cfg.get("xla_defaults") else jaxlirpa.compiler_options(method)
+    fn = jax.jit(lambda p, xx: jaxlirpa.bound(functools.partial(apply, p), xx, eps, method=method, **kw),
+                 compiler_options=options)
     _emit(phase="trace")
     t = time.perf_counter()
     lowered = fn.lower(params, x)
@@ -482,6 +485,7 @@ def print_table(rows: list[dict], fallback_mm: float, live_autolirpa: bool) -> N
     print(f"""
 trace s   = jax tracing + lowering (jit(...).lower); compile s = XLA compile (lowered.compile()).
 median/min ms = steady-state calls of the compiled bound (block_until_ready), after one warm-up call.
+            Compiled with jaxlirpa.compiler_options(method) (CPU, not IBP: no YNNPACK fusions) unless --xla-defaults.
 cpu ms    = median process CPU time per call; with 1 thread, well below the wall time means the core was
             shared with other work (the wall times are then inflated; CPU times much less so).
 api ms    = un-jitted jaxlirpa.bound(...) (re-traces fn on every call; CROWN runs in stages there, sizing its
@@ -536,6 +540,8 @@ def main(argv=None) -> None:
     p.add_argument("--mem-limit-gb", type=float, default=20.0,
                    help="skip (XLA memory_analysis) or kill (RSS) a config above this; capped at 90%% of RAM")
     p.add_argument("--no-api", action="store_true", help="don't time the un-jitted jaxlirpa.bound call")
+    p.add_argument("--xla-defaults", action="store_true",
+                   help="jit the bound without jaxlirpa.compiler_options(method) (XLA default options)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="jaxlirpa.bound(batch_size=...): examples bounded at a time, to cap memory (default: all)")
     p.add_argument("--alpha-all-rows", action="store_true",
@@ -556,6 +562,7 @@ def main(argv=None) -> None:
     mem_limit = min(args.mem_limit_gb, 0.9 * ram_gb)
     base = {"batch_size": args.batch_size, "threads": args.threads, "repeats": args.repeats, "budget_s": args.budget_s, "mlp_eps": args.mlp_eps,
             "mem_limit_gb": mem_limit, "api": not args.no_api, "api_max_s": 2.0,
+            "xla_defaults": args.xla_defaults,
             "alpha_all_rows": args.alpha_all_rows}
     try:
         import importlib.util

@@ -5,6 +5,7 @@ from jaxlirpa import grafting, training
 from jaxlirpa.api import Bounds, bound, margin_spec, verified, verified_accuracy
 from jaxlirpa.bab import Verdict, robustness_property, verify
 from jaxlirpa.methods.alpha_crown import AlphaOptions
+from jaxlirpa.methods.context import compiler_options
 from jaxlirpa.rules.base import ElementwiseRule, Relaxation, Rule, UnsupportedPrimitiveError
 from jaxlirpa.rules.base import register as _register
 from jaxlirpa.rules.linear import LINEAR
@@ -20,6 +21,6 @@ def register_rule(primitive, rule: Rule) -> None:
 
 __all__ = [
     "AlphaOptions", "Bounds", "Box", "ElementwiseRule", "L1Ball", "L2Ball", "LINEAR", "LinfBall", "Relaxation", "Rule",
-    "UnsupportedPrimitiveError", "Verdict", "bound", "margin_spec", "perturb_leaves", "register_rule", "robustness_property",
+    "UnsupportedPrimitiveError", "Verdict", "bound", "compiler_options", "margin_spec", "perturb_leaves", "register_rule", "robustness_property",
     "grafting", "training", "verified", "verified_accuracy", "verify",
 ]

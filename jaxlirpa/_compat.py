@@ -13,6 +13,7 @@ import os
 import jax
 import jax.extend.core as jcore
 import numpy as np
+from jax._src import core as _core
 from jax._src import source_info_util
 
 Primitive = jcore.Primitive
@@ -37,6 +38,11 @@ CALL_JAXPR_PARAMS = {
     "remat2": "jaxpr",
     "checkpoint": "jaxpr",
 }
+
+
+def top_level() -> bool:
+    """Whether no JAX transformation (jit, vmap, grad) is tracing the caller."""
+    return _core.trace_state_clean()
 
 
 def define_primitive(name: str, impl) -> Primitive:

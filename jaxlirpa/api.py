@@ -12,7 +12,7 @@ import numpy as np
 from jaxlirpa import graph as graph_lib
 from jaxlirpa.methods import METHODS, AlphaOptions, bound_flat
 from jaxlirpa.methods.alpha_crown import first_bounds, static_size
-from jaxlirpa.methods.context import Context, exact_matmuls
+from jaxlirpa.methods.context import Context, compile_bounds
 from jaxlirpa.methods.staged import is_concrete, stage
 from jaxlirpa.rules.base import lookup
 from jaxlirpa.sets import Region, as_set, sets_per_leaf
@@ -83,12 +83,13 @@ _CACHE: collections.OrderedDict = collections.OrderedDict()
 _CACHE_SIZE = 64
 
 
-def _cached(key, build):
-    """The jitted function for ``key``, built once (least recently used evicted)."""
+def _cached(key, build, method: str = "crown"):
+    """The jitted function for ``key``, built once (least recently used evicted), a bound
+    computation by ``method`` (which picks its XLA options)."""
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    _CACHE[key] = run = jax.jit(exact_matmuls(build()))
+    _CACHE[key] = run = compile_bounds(build(), method)
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return run
@@ -132,7 +133,7 @@ def _compiled(graph, method: str, spec_batched: bool | None, alpha: AlphaOptions
 
         return run
 
-    return _cached(_sized((graph.signature, method, spec_batched, alpha, warm, batch_size, sizes)), build)
+    return _cached(_sized((graph.signature, method, spec_batched, alpha, warm, batch_size, sizes)), build, method)
 
 
 def _per_example(f, per_example, batch_size):
@@ -167,7 +168,7 @@ def _compiled_joint(graph, method: str, alpha: AlphaOptions | None, warm: bool, 
         return run
 
     key = ("joint", graph.signature, tuple(graph.perturbed_inputs), method, alpha, warm, sizes)
-    return _cached(_sized(key), build)
+    return _cached(_sized(key), build, method)
 
 
 def _compiled_joint_first(graph):

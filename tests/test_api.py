@@ -94,7 +94,8 @@ def test_unsupported_primitive_inside_a_flax_module_names_the_modules_line():
 @pytest.mark.parametrize("method", ["ibp", "crown", "crown-ibp", "forward"])
 def test_jit_equals_eager_and_contains_centre(method):
     eager = jaxlirpa.bound(mlp, X, 0.1, method=method)
-    jitted = jax.jit(lambda x: jaxlirpa.bound(mlp, x, 0.1, method=method))(X)
+    jitted = jax.jit(lambda x: jaxlirpa.bound(mlp, x, 0.1, method=method),
+                     compiler_options=jaxlirpa.compiler_options(method))(X)
     np.testing.assert_allclose(eager.lower, jitted.lower, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(eager.upper, jitted.upper, rtol=1e-5, atol=1e-5)
     y = mlp(X)

@@ -15,7 +15,7 @@ import numpy as np
 from jaxlirpa.attacks import pgd
 from jaxlirpa.bab.problem import Problem, margin_of_rows
 from jaxlirpa.graph import Graph
-from jaxlirpa.methods.context import Context, exact_matmuls
+from jaxlirpa.methods.context import Context, compile_bounds
 from jaxlirpa.methods.beta_crown import optimised_lower, splittable
 from jaxlirpa.methods.crown import backward, crown_intervals, interval_of, meet, needed_intervals
 from jaxlirpa.methods.ibp import ibp_intervals
@@ -29,7 +29,7 @@ def cached(graph: Graph, build: Callable[[Graph], Callable], **jit_options) -> C
     """``build(graph)``, compiled once per graph signature."""
     key = (graph.signature, build.__name__)
     if key not in _COMPILED:
-        _COMPILED[key] = jax.jit(exact_matmuls(build(graph)), **jit_options)
+        _COMPILED[key] = compile_bounds(build(graph), **jit_options)
     return _COMPILED[key]
 
 
