@@ -2,10 +2,9 @@
 alpha-CROWN) and complete verification (beta-CROWN branch and bound)."""
 from jaxlirpa import rules as _rules  # noqa: F401  (registers the built-in rules)
 from jaxlirpa import grafting, training
-from jaxlirpa.api import Bounds, bound, margin_spec, verified, verified_accuracy
+from jaxlirpa.api import Bounds, bound, compiler_options, margin_spec, verified, verified_accuracy
 from jaxlirpa.bab import Verdict, robustness_property, verify
 from jaxlirpa.methods.alpha_crown import AlphaOptions
-from jaxlirpa.methods.context import compiler_options
 from jaxlirpa.rules.base import ElementwiseRule, Relaxation, Rule, UnsupportedPrimitiveError
 from jaxlirpa.rules.base import register as _register
 from jaxlirpa.rules.linear import LINEAR

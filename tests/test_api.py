@@ -102,6 +102,16 @@ def test_jit_equals_eager_and_contains_centre(method):
     assert eager.lower.shape == y.shape and np.all(eager.lower <= y + 1e-5) and np.all(y <= eager.upper + 1e-5)
 
 
+def test_compiler_options_name_a_method():
+    """IBP keeps XLA's defaults; a backward method on CPU compiles without YNNPACK fusions;
+    an unknown method is an error, as in ``bound``."""
+    assert jaxlirpa.compiler_options("IBP") is None
+    if jax.default_backend() == "cpu":
+        assert jaxlirpa.compiler_options("crown") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    with pytest.raises(ValueError, match="Unknown method"):
+        jaxlirpa.compiler_options("crown-magic")
+
+
 @pytest.mark.parametrize("method", ["ibp", "crown", "crown-ibp", "forward"])
 def test_grad_through_bounds_matches_finite_differences(method):
     def loss(w1):

@@ -28,15 +28,10 @@ def exact_matmuls(fn):
     return traced
 
 
-def compiler_options(method: str = "crown") -> dict | None:
-    """XLA options for ``jax.jit(..., compiler_options=...)`` of a function that bounds by
-    ``method``, on this backend. On CPU, for every method but ``"ibp"``: no YNNPACK library
-    fusions. XLA:CPU hands the row sums of ``A * y`` that backward bounds make everywhere
-    (biases, intercepts, concretisation) to YNNPACK, which first writes out both factors and
-    repeats the elementwise work feeding them: without, CROWN on CNN-B at batch 1 takes 173
-    instead of 215 ms, on the MLP at batch 32 4.0 instead of 4.9 s, in two thirds of the
-    memory (``benchmarks/README.md``). IBP's few large products are faster with them. Elsewhere
-    None (XLA's defaults)."""
+def xla_options(method: str) -> dict | None:
+    """XLA options for a program that bounds by ``method`` (a checked method name), on this
+    backend: on CPU, for every method but ``"ibp"``, no YNNPACK library fusions (see
+    ``jaxlirpa.compiler_options``); elsewhere None (XLA's defaults)."""
     if jax.default_backend() != "cpu" or method == "ibp":
         return None
     return {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -44,11 +39,11 @@ def compiler_options(method: str = "crown") -> dict | None:
 
 def compile_bounds(fn, method: str = "crown", **jit_options):
     """``jax.jit`` of a bound computation by ``method`` that jaxlirpa owns, with
-    :func:`exact_matmuls`; called outside any trace, compiled with :func:`compiler_options`
+    :func:`exact_matmuls`; called outside any trace, compiled with :func:`xla_options`
     too (JAX takes them on top-level calls only; inside a user's ``jax.jit`` the user's
     compilation decides)."""
     traced = exact_matmuls(fn)
-    plain, options = jax.jit(traced, **jit_options), compiler_options(method)
+    plain, options = jax.jit(traced, **jit_options), xla_options(method)
     if options is None:
         return plain
     tuned = jax.jit(traced, compiler_options=options, **jit_options)
