@@ -349,6 +349,10 @@ def child_matmul(cfg: dict) -> dict:
 
 def child_main(cfg: dict) -> None:
     _limit_threads(cfg["threads"])
+    if not cfg.get("malloc_defaults") and cfg["kind"] != "auto_LiRPA":
+        from jaxlirpa.allocator import reuse_freed_memory
+
+        reuse_freed_memory()
     kind = cfg["kind"]
     try:
         rec = {"matmul": child_matmul, "jaxlirpa": child_jaxlirpa, "auto_LiRPA": child_autolirpa}[kind](cfg)
@@ -486,6 +490,8 @@ def print_table(rows: list[dict], fallback_mm: float, live_autolirpa: bool) -> N
 trace s   = jax tracing + lowering (jit(...).lower); compile s = XLA compile (lowered.compile()).
 median/min ms = steady-state calls of the compiled bound (block_until_ready), after one warm-up call.
             Compiled with jaxlirpa.compiler_options(method) (CPU, not IBP: no YNNPACK fusions) unless --xla-defaults.
+            Every jaxlirpa process first calls jaxlirpa.reuse_freed_memory() (glibc keeps freed blocks: XLA's
+            buffers skip page faults) unless --malloc-defaults.
 cpu ms    = median process CPU time per call; with 1 thread, well below the wall time means the core was
             shared with other work (the wall times are then inflated; CPU times much less so).
 api ms    = un-jitted jaxlirpa.bound(...) (re-traces fn on every call; CROWN runs in stages there, sizing its
@@ -542,6 +548,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-api", action="store_true", help="don't time the un-jitted jaxlirpa.bound call")
     p.add_argument("--xla-defaults", action="store_true",
                    help="jit the bound without jaxlirpa.compiler_options(method) (XLA default options)")
+    p.add_argument("--malloc-defaults", action="store_true",
+                   help="leave glibc's malloc as it is (without jaxlirpa.reuse_freed_memory())")
     p.add_argument("--batch-size", type=int, default=None,
                    help="jaxlirpa.bound(batch_size=...): examples bounded at a time, to cap memory (default: all)")
     p.add_argument("--alpha-all-rows", action="store_true",
@@ -562,7 +570,7 @@ def main(argv=None) -> None:
     mem_limit = min(args.mem_limit_gb, 0.9 * ram_gb)
     base = {"batch_size": args.batch_size, "threads": args.threads, "repeats": args.repeats, "budget_s": args.budget_s, "mlp_eps": args.mlp_eps,
             "mem_limit_gb": mem_limit, "api": not args.no_api, "api_max_s": 2.0,
-            "xla_defaults": args.xla_defaults,
+            "xla_defaults": args.xla_defaults, "malloc_defaults": args.malloc_defaults,
             "alpha_all_rows": args.alpha_all_rows}
     try:
         import importlib.util

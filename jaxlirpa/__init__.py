@@ -2,6 +2,7 @@
 alpha-CROWN) and complete verification (beta-CROWN branch and bound)."""
 from jaxlirpa import rules as _rules  # noqa: F401  (registers the built-in rules)
 from jaxlirpa import grafting, training
+from jaxlirpa.allocator import reuse_freed_memory
 from jaxlirpa.api import Bounds, bound, compiler_options, margin_spec, verified, verified_accuracy
 from jaxlirpa.bab import Verdict, robustness_property, verify
 from jaxlirpa.methods.alpha_crown import AlphaOptions
@@ -20,6 +21,6 @@ def register_rule(primitive, rule: Rule) -> None:
 
 __all__ = [
     "AlphaOptions", "Bounds", "Box", "ElementwiseRule", "L1Ball", "L2Ball", "LINEAR", "LinfBall", "Relaxation", "Rule",
-    "UnsupportedPrimitiveError", "Verdict", "bound", "compiler_options", "margin_spec", "perturb_leaves", "register_rule", "robustness_property",
+    "UnsupportedPrimitiveError", "Verdict", "bound", "compiler_options", "margin_spec", "perturb_leaves", "register_rule", "reuse_freed_memory", "robustness_property",
     "grafting", "training", "verified", "verified_accuracy", "verify",
 ]

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from jaxlirpa.allocator import reuse_freed_memory
+
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxlirpa" / "xla"
 
 
@@ -49,6 +51,7 @@ def _verify_command(args) -> int:
     from jaxlirpa import vnnlib
 
     enable_compilation_cache(None if args.no_cache else args.cache)
+    reuse_freed_memory()  # a process of its own: keep XLA:CPU's buffers mapped between runs
     verdict = run_instance(args.model, args.property, args.timeout, branching=args.branching,
                            progress=not args.quiet)
     print(verdict.status)

@@ -1,6 +1,11 @@
 """The public API: validation errors, jit, grad, vmap, specs, pytrees, user rules."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import platform
+import resource
+
 import flax.linen as nn
 import jax
 import jax.extend
@@ -89,6 +94,27 @@ def test_unsupported_primitive_inside_a_flax_module_names_the_modules_line():
         jaxlirpa.bound(lambda x: model.apply(params, x), X, 0.1)
     line = next(i for i, text in enumerate(open(__file__), 1) if "line named in the error" in text and "sort" in text)
     assert f"test_api.py:{line} " in str(err.value)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
+def test_reuse_freed_memory_keeps_freed_blocks_mapped():
+    """After ``reuse_freed_memory``, a large block freed and allocated again is not faulted in
+    page by page a second time (glibc would unmap it on free and map fresh pages)."""
+    assert jaxlirpa.reuse_freed_memory()
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+    size = 32 * 2**20
+
+    def faults_touching_a_new_block():
+        block = libc.malloc(size)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        ctypes.memset(block, 1, size)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        libc.free(block)
+        return after - before
+
+    faults_touching_a_new_block()
+    assert faults_touching_a_new_block() < size // resource.getpagesize() // 10
 
 
 @pytest.mark.parametrize("method", ["ibp", "crown", "crown-ibp", "forward"])
