@@ -12,6 +12,7 @@ once, here. Linear primitives need no code at all (see ``rules/linear.py``).
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -86,6 +87,19 @@ class Rule:
 
     def forward(self, eqn, ops) -> LinearBounds:
         raise NotImplementedError
+
+
+def fold_min(stacked) -> jax.Array:
+    """The minimum over the leading axis (of an array or a list), by elementwise ``minimum``:
+    its gradient selects an operand, where ``jnp.min``'s divides by how many entries equal
+    the result, 0 / 0 (a NaN gradient) once XLA recomputes an entry in another fusion with
+    other rounding than the result had (seen in jitted sin/cos relaxations)."""
+    return functools.reduce(jnp.minimum, list(stacked))
+
+
+def fold_max(stacked) -> jax.Array:
+    """The maximum over the leading axis, as :func:`fold_min`."""
+    return functools.reduce(jnp.maximum, list(stacked))
 
 
 def float_pair(l, u):

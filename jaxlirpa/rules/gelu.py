@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxlirpa.patterns import gelu_p, silu_p
-from jaxlirpa.rules.base import ElementwiseRule, Relaxation, float_pair, register
+from jaxlirpa.rules.base import ElementwiseRule, Relaxation, float_pair, fold_max, fold_min, register
 
 _BISECTIONS = 48
 
@@ -84,11 +84,12 @@ class Gated(ElementwiseRule):
         points = jnp.concatenate([jnp.stack([jnp.broadcast_to(l, slopes.shape), jnp.broadcast_to(u, slopes.shape)]),
                                   self._critical_points(slopes, l, u)])
         g = self.f(points) - slopes * points  # (5 points, 6 slopes, ...)
-        lo_pick = jnp.argmax(slopes * m + jnp.min(g, 0), 0)[None]
-        up_pick = jnp.argmin(slopes * m + jnp.max(g, 0), 0)[None]
+        g_lo, g_hi = fold_min(g), fold_max(g)
+        lo_pick = jnp.argmax(slopes * m + g_lo, 0)[None]
+        up_pick = jnp.argmin(slopes * m + g_hi, 0)[None]
         take = lambda t, i: jnp.take_along_axis(t, i, 0)[0]
-        lw, lb = take(slopes, lo_pick), take(jnp.min(g, 0), lo_pick)
-        uw, ub = take(slopes, up_pick), take(jnp.max(g, 0), up_pick)
+        lw, lb = take(slopes, lo_pick), take(g_lo, lo_pick)
+        uw, ub = take(slopes, up_pick), take(g_hi, up_pick)
         zero = jnp.zeros_like(lw)
         return Relaxation(jnp.where(inf, zero, lw), jnp.where(inf, lo_img, lb),
                           jnp.where(inf, zero, uw), jnp.where(inf, hi_img, ub))

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxlirpa._compat import lax_primitives as P
-from jaxlirpa.rules.base import ElementwiseRule, Relaxation, float_pair, register
+from jaxlirpa.rules.base import ElementwiseRule, Relaxation, float_pair, fold_max, fold_min, register
 
 TWO_PI = 2 * math.pi
 
@@ -82,10 +82,10 @@ class Sinusoid(ElementwiseRule):
         for base in (a - self.phase, -a - self.phase):
             n = jnp.ceil(lax.stop_gradient((l - base) / TWO_PI))
             xs.append(jnp.clip(lax.stop_gradient(base + TWO_PI * n), l, u))
-        g = jnp.stack([self.f(x) - k * x for x in xs])
+        g = [self.f(x) - k * x for x in xs]
         eps = jnp.finfo(l.dtype).eps
         margin = 8 * eps * (1 + jnp.abs(k) * jnp.maximum(jnp.abs(l), jnp.abs(u)))
-        return jnp.min(g, 0) - margin, jnp.max(g, 0) + margin
+        return fold_min(g) - margin, fold_max(g) + margin
 
     def relax(self, l, u):
         l, u = float_pair(l, u)
@@ -95,19 +95,22 @@ class Sinusoid(ElementwiseRule):
         fl, fu = self.f(l), self.f(u)
         m = (l + u) / 2
         slopes = [jnp.where(nz, (fu - fl) / jnp.where(nz, width, 1.0), self.df(l)), self.df(m), jnp.zeros_like(l)]
-        lower = upper = None
+        lower = upper = None  # (slope, its line at the midpoint): lower wants it high, upper low
         for k in slopes:
             bl, bu = self._intercepts(l, u, k)
-            vl, vu = k * m + bl, k * m + bu  # each line at the midpoint: lower wants it high, upper low
             if lower is None:
-                lower, upper = (k, bl, vl), (k, bu, vu)
+                lower, upper = (k, k * m + bl), (k, k * m + bu)
                 continue
-            take_l, take_u = vl > lower[2], vu < upper[2]
-            lower = tuple(jnp.where(take_l, new, old) for new, old in zip((k, bl, vl), lower))
-            upper = tuple(jnp.where(take_u, new, old) for new, old in zip((k, bu, vu), upper))
+            take_l, take_u = k * m + bl > lower[1], k * m + bu < upper[1]
+            lower = tuple(jnp.where(take_l, new, old) for new, old in zip((k, k * m + bl), lower))
+            upper = tuple(jnp.where(take_u, new, old) for new, old in zip((k, k * m + bu), upper))
+        # Each intercept is computed for the slope chosen, not chosen beside it: under jit XLA may
+        # evaluate a comparison of near-equal lines once per consumer with other rounding, and
+        # a slope and an intercept taken from different lines are no bound (seen: 4e-3 outside).
+        bl, bu = self._intercepts(l, u, lower[0])[0], self._intercepts(l, u, upper[0])[1]
         one = jnp.ones_like(l)
-        return Relaxation(jnp.where(wide, 0.0, lower[0]), jnp.where(wide, -one, lower[1]),
-                          jnp.where(wide, 0.0, upper[0]), jnp.where(wide, one, upper[1]))
+        return Relaxation(jnp.where(wide, 0.0, lower[0]), jnp.where(wide, -one, bl),
+                          jnp.where(wide, 0.0, upper[0]), jnp.where(wide, one, bu))
 
 
 class Sin(Sinusoid):

@@ -133,8 +133,12 @@ def test_relaxation_and_image_sound_on_grid(name):
     where l == u; values and gradients (w.r.t. l and u) NaN-free."""
     image, relax, f64, window, specials = FUNCS[name]
     l, u = _intervals(window, specials, seed=zlib.crc32(name.encode()))
-    outs, vjp = jax.vjp(lambda l, u: (*relax(l, u), *image(l, u)), l, u)
-    gl, gu = vjp(tuple(jnp.ones_like(t) for t in outs))
+    @jax.jit  # one compile, where eager evaluation compiles every operation on its own
+    def values_and_gradients(l, u):
+        outs, vjp = jax.vjp(lambda l, u: (*relax(l, u), *image(l, u)), l, u)
+        return outs, vjp(tuple(jnp.ones_like(t) for t in outs))
+
+    outs, (gl, gu) = values_and_gradients(l, u)
     assert not np.any(np.isnan(np.asarray(gl))) and not np.any(np.isnan(np.asarray(gu))), f"{name}: NaN gradient"
     for t in outs:
         assert t.shape == l.shape and not np.any(np.isnan(np.asarray(t))), name
@@ -190,8 +194,12 @@ def test_optimised_relaxation_sound_for_any_alpha(name):
     spread[:, 0], spread[:, 1] = 0.0, 1.0  # the ends of the range
     span = np.asarray(hi - lo)[:, None]
     alpha = jnp.asarray(np.asarray(lo)[:, None] + span * spread + np.where(spread > 1.4, 100.0, 0.0), jnp.float32)
-    lines, vjp = jax.vjp(lambda a: rule.relax_at(l, u, *params, alpha=a), alpha)
-    (grad,) = vjp(type(lines)(*(jnp.ones_like(t) for t in lines)))
+    @jax.jit  # one compile, where eager evaluation compiles every operation on its own
+    def lines_and_gradient(alpha):
+        lines, vjp = jax.vjp(lambda a: rule.relax_at(l, u, *params, alpha=a), alpha)
+        return lines, vjp(type(lines)(*(jnp.ones_like(t) for t in lines)))[0]
+
+    lines, grad = lines_and_gradient(alpha)
     assert not np.any(np.isnan(np.asarray(grad))), f"{name}: NaN gradient"
     for row in range(alpha.shape[1]):
         r = [jnp.broadcast_to(t, alpha.shape[1:])[row] for t in lines]
@@ -314,8 +322,8 @@ def test_pow_traced_exponent():
     lo = np.where(pos_only, rng.uniform(0.05, 3, SIZE), rng.uniform(-3, 3, SIZE))
     hi = lo + rng.uniform(0, 2, SIZE)
     l, u = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
-    r = jax.vmap(lambda l, u, c: Pow().relax(l, u, c, 0))(l, u, jnp.asarray(c))
-    lo_img, hi_img = jax.vmap(lambda l, u, c: Pow().image(l, u, c, 0))(l, u, jnp.asarray(c))
+    r, (lo_img, hi_img) = jax.jit(jax.vmap(lambda l, u, c: (Pow().relax(l, u, c, 0), Pow().image(l, u, c, 0))))(
+        l, u, jnp.asarray(c))
     x = _grid(l, u)
     fx = x ** c[:, None].astype(np.float64)
     tol = 1e-5 * (1 + np.max(np.abs(fx), 1, keepdims=True) + np.max(np.abs(x), 1, keepdims=True))
