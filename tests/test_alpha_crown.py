@@ -136,7 +136,7 @@ def test_sparse_rows_change_no_bound_and_keep_alphas_full_sized():
     """Re-bounding only the unstable neurons, dropping the columns of inactive ones and
     multiplying those of active ones once for both sides (the default) follows the same optimisation as the dense passes (plain gradient steps: Adam
     would turn float noise in a zero gradient into full steps), and its alphas are full-sized:
-    the dense run's warm-start it."""
+    the dense run's slopes warm-start it."""
     from jaxlirpa.api import _compiled_first, _sparse_rows, trace_per_example
 
     eps = EPS / 2
@@ -217,7 +217,8 @@ def two_convs(x):
 def test_selected_patch_rows_keep_alphas_full_sized_for_warm_starts():
     """A convolution's selected rows (here conv2's, through relu1 as patches) return their
     slopes at full size, one per patch entry of every output neuron as every-neuron runs
-    do, so that those warm-start them, never looser than CROWN."""
+    do, and the every-neuron run's slopes warm-start the selected-rows run, never looser
+    than CROWN."""
     from jaxlirpa.api import _compiled_first, _sparse_rows, trace_per_example
 
     x, eps = jax.random.uniform(jax.random.key(8), (2, 1, 8, 8)), 0.05
