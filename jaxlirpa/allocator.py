@@ -16,8 +16,8 @@ import ctypes.util
 import platform
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
-# Blocks up to this size come from the heap and stay there: 1 GiB, or 32 MiB where a glibc
-# refuses thresholds above half its heap size (older releases).
+# Blocks up to this size come from the heap and stay there: 1 GiB, or 32 MiB (glibc's own
+# ceiling for its adaptive threshold) where a glibc refuses so large a value.
 _THRESHOLDS = (2**30, 2**25)
 
 
