@@ -116,13 +116,15 @@ def fast_bounds():
     for case in CASES])
 def test_patches_equal_dense(fast_bounds, dense_only, build, layout, method, eps):
     """Every method that starts patches gives the dense path's bounds (both are sound:
-    the dense path is checked by tests/test_soundness.py)."""
+    the dense path is checked by tests/test_soundness.py). alpha-CROWN to 1e-3: its first
+    step already moves the two paths' bounds apart by ~1e-4 (the paths sum in other orders,
+    and the optimisation amplifies the last bits; seen with XLA's classic CPU emitter)."""
     (lo, hi), started = fast_bounds((build, layout, method, eps))
     assert started > 0  # the fast path ran
     fn, x = build(layout)
     dlo, dhi = _bounds(fn, x, method, eps)
     assert np.all(np.isfinite(lo)) and np.all(lo <= hi)
-    tol = 1e-5 * np.maximum(1.0, np.abs(dhi - dlo))
+    tol = (1e-3 if method == "alpha-crown" else 1e-5) * np.maximum(1.0, np.abs(dhi - dlo))
     np.testing.assert_array_less(np.abs(lo - dlo), tol)
     np.testing.assert_array_less(np.abs(hi - dhi), tol)
 
