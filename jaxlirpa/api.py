@@ -137,7 +137,7 @@ def _compiled(graph, method: str, spec_batched: bool | None, alpha: AlphaOptions
 
     def build():
         def one(consts, region: Region, C, slopes, first):
-            ctx = Context(graph, consts, [region.center], {graph.perturbed_inputs[0]: region})
+            ctx = Context(graph, consts, [region.center], {graph.perturbed_inputs[0]: region}, EXAMPLES)
             b, slopes = bound_flat(ctx, method, C, alpha, slopes, first, None if sizes is None else dict(sizes))
             return b.lower, b.upper, slopes
 
@@ -151,10 +151,24 @@ def _compiled(graph, method: str, spec_batched: bool | None, alpha: AlphaOptions
     return _cached(_sized((graph.signature, method, spec_batched, alpha, warm, batch_size, sizes)), build, method)
 
 
+EXAMPLES = "jaxlirpa_examples"
+"""The name of the vmapped axis over a batch's examples (``Context.batch_axis``)."""
+
+
 def _per_example(f, per_example, batch_size):
-    if batch_size is None:
-        return jax.vmap(f)(per_example)
-    return jax.lax.map(f, per_example, batch_size=batch_size)
+    """``f`` vmapped over the examples (axis :data:`EXAMPLES`): all at once, or
+    ``batch_size`` at a time in a loop (``jax.lax.map``'s chunks, with the axis named)."""
+    batched = jax.vmap(f, axis_name=EXAMPLES)
+    n = jax.tree_util.tree_leaves(per_example)[0].shape[0]
+    if batch_size is None or batch_size >= n:
+        return batched(per_example)
+    full = n - n % batch_size
+    chunks = jax.tree_util.tree_map(lambda a: a[:full].reshape(-1, batch_size, *a.shape[1:]), per_example)
+    out = jax.tree_util.tree_map(lambda a: a.reshape(full, *a.shape[2:]), jax.lax.map(batched, chunks))
+    if full == n:
+        return out
+    rest = batched(jax.tree_util.tree_map(lambda a: a[full:], per_example))
+    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), out, rest)
 
 
 def _compiled_first(graph, batch_size: int | None):
@@ -162,7 +176,7 @@ def _compiled_first(graph, batch_size: int | None):
 
     def build():
         def run(consts, region):
-            one = lambda r: first_bounds(Context(graph, consts, [r.center], {graph.perturbed_inputs[0]: r}))
+            one = lambda r: first_bounds(Context(graph, consts, [r.center], {graph.perturbed_inputs[0]: r}, EXAMPLES))
             return _per_example(one, region, batch_size)
 
         return run
@@ -218,8 +232,9 @@ def _compiled_stage(graph, sizes: tuple):
     def build():
         def run(consts, region, known):
             def one(r, k):
-                return stage(Context(graph, consts, [r.center], {graph.perturbed_inputs[0]: r}), k, dict(sizes))
-            return jax.vmap(one)(region, known)
+                return stage(Context(graph, consts, [r.center], {graph.perturbed_inputs[0]: r}, EXAMPLES), k,
+                             dict(sizes))
+            return jax.vmap(one, axis_name=EXAMPLES)(region, known)
 
         return run
 

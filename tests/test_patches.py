@@ -13,6 +13,7 @@ from jaxlirpa.methods import patches
 from jaxlirpa.rules.base import Interval
 from jaxlirpa.graph import trace
 from jaxlirpa.methods.context import Context
+from jaxlirpa.testing import assert_sound
 
 
 def _conv(x, w, layout, stride=1, padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1):
@@ -173,3 +174,57 @@ def test_selected_rows_are_those_rows_of_the_full_patches(layout):
     np.testing.assert_allclose(dense_some, dense_full, atol=1e-6)
     for ours, theirs in others:  # dotted with a point; concretised over a box, both signs
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+
+@pytest.fixture
+def window_diffs(monkeypatch):
+    """``use(share)``: from then on every ReLU between convolutions keeps its upper side as
+    a ``WindowDiff`` of ``1 / share`` of each window (1: every entry fits; large: no
+    position fits, and the convolution composes the upper side in full). Returns the list
+    of the compositions that used one and that of the choices they made when run."""
+    calls, fits = [], []
+
+    def compose(eqn, W, lower, diff, *rest):
+        calls.append(diff)
+        jax.debug.callback(lambda f: fits.append(bool(f)), diff.fits)
+        return compose_sides(eqn, W, lower, diff, *rest)
+
+    compose_sides = patches._compose_sides
+    monkeypatch.setattr(patches, "_compose_sides", compose)
+
+    def use(share):
+        monkeypatch.setattr(patches, "_DIFF_MIN_ENTRIES", 0)
+        monkeypatch.setattr(patches, "_DIFF_SHARE", share)
+        api._CACHE.clear()
+        return calls, fits
+
+    yield use
+    api._CACHE.clear()
+
+
+@pytest.mark.parametrize("share", [1, 100])
+def test_window_diffs_give_the_bounds_of_two_compositions(window_diffs, share):
+    """The upper side composed as the lower one plus its difference at the few window
+    entries where they differ (or in full when those do not fit) gives the bounds of two
+    full compositions, for a batch at once and in chunks with a remainder (the choice is
+    made for all examples together), and their gradient under jit; the bounds are sound."""
+    fn, x = _net("NHWC")
+    x = jnp.concatenate([x, 0.9 * x, 0.5 * x])
+
+    def width_and_grad():  # a new jit each time: the settings are read while tracing
+        def width(s):
+            b = jaxlirpa.bound(lambda z: fn(z * s), x, 0.1, method="crown")
+            return jnp.sum(b.upper - b.lower)
+        return jax.jit(jax.value_and_grad(width))(1.0)
+
+    want = jaxlirpa.bound(fn, x, 0.1, method="crown"), width_and_grad()
+    calls, fits = window_diffs(share)
+    for batch_size in (None, 4):  # 6 examples: all at once; a chunk of 4 and the remaining 2
+        got = jaxlirpa.bound(fn, x, 0.1, method="crown", batch_size=batch_size)
+        np.testing.assert_allclose(got.lower, want[0].lower, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.upper, want[0].upper, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(width_and_grad(), want[1], rtol=1e-5)
+    assert len(calls) == 4  # batched, chunked (the chunks, the rest), under jit with its gradient
+    assert set(fits) == {share == 1}  # one choice per program run, for all its examples
+    assert_sound(fn, x, 0.1, method="crown", bounds=got, n_samples=64, attack_steps=10)

@@ -58,12 +58,15 @@ class Context:
     """One example's bound computation.
 
     ``regions`` maps each perturbed input id to its :class:`Region`; every
-    unperturbed variable is evaluated once, concretely, on construction.
+    unperturbed variable is evaluated once, concretely, on construction. ``batch_axis``:
+    the name under which the caller vmaps this over examples (``jax.vmap(axis_name=...)``),
+    so that a choice between programs (``lax.cond``) can be made once for the whole batch.
     """
 
-    def __init__(self, graph: Graph, consts, inputs, regions: dict[int, Region]):
+    def __init__(self, graph: Graph, consts, inputs, regions: dict[int, Region], batch_axis: str | None = None):
         self.graph = graph
         self.regions = regions
+        self.batch_axis = batch_axis  # the name of the vmapped axis over examples, when there is one
         self.values = dict(zip(graph.consts, consts)) | {
             i: v for i, v in zip(graph.inputs, inputs) if i not in regions
         }
