@@ -168,14 +168,20 @@ def _estimates(plane: Plane, z0, w, s_lines):
 
 def _best(constant, planes: list[Plane], estimates, bad) -> Plane:
     """Per element, the plane of the best typical estimate (NaN: never), or the constant where
-    it beats that plane's estimate halfway between typical and worst, or where ``bad``."""
-    stacked = Plane(*(jnp.stack(jnp.broadcast_arrays(*t)) for t in zip(*planes)))
+    it beats that plane's estimate halfway between typical and worst, or where ``bad``. One
+    index, an ``argmax`` over the constant and the planes (a reduction: XLA computes it once),
+    picks W, c and the bias, so they always come from one sound plane: a comparison made
+    once per select could come out differently in each (sin and cos once did, rules/periodic)."""
+    flat = Plane(jnp.zeros_like(planes[0].W), jnp.zeros_like(planes[0].c), constant)
+    stacked = Plane(*(jnp.stack(jnp.broadcast_arrays(*t)) for t in zip(flat, *planes)))
     worst, typical = (jnp.stack(e) for e in zip(*map(estimates, planes)))
-    i = jnp.argmax(jnp.where(jnp.isnan(typical), -jnp.inf, typical), 0)[None]
-    pick = lambda t, idx: jnp.take_along_axis(t, idx, 0)[0]
-    take = (pick(worst + typical, i) / 2 > constant) & ~bad
-    W, c, bias = pick(stacked.W, i[..., None]), pick(stacked.c, i), pick(stacked.bias, i)
-    return Plane(jnp.where(take[..., None], W, 0.0), jnp.where(take, c, 0.0), jnp.where(take, bias, constant))
+    best = jnp.argmax(jnp.where(jnp.isnan(typical), -jnp.inf, typical), 0)
+    mid = (worst + typical) / 2
+    one = (jnp.arange(len(planes)).reshape(-1, *[1] * best.ndim) == best) & ~bad & ~jnp.isnan(mid)
+    scores = jnp.concatenate([jnp.broadcast_to(constant, best.shape)[None], jnp.where(one, mid, -jnp.inf)])
+    i = jnp.argmax(scores, 0)[None]  # ties: the constant (index 0), as mid must beat it
+    pick = lambda t, idx: jnp.take_along_axis(t, idx, 0)[0]  # noqa: E731
+    return Plane(pick(stacked.W, i[..., None]), pick(stacked.c, i), pick(stacked.bias, i))
 
 
 def normalize_planes(l, u, s_lo, s_hi, eps) -> tuple[Plane, Plane]:
