@@ -438,12 +438,14 @@ def test_sound_alpha_crown(inputs):
 @pytest.mark.parametrize("method", ["crown"])
 def test_sound_default_compiler(method, inputs):
     """As above, compiled with XLA's default options (``conftest`` and this module's fixture
-    set cheaper ones for the rest of the suite)."""
+    set cheaper ones for the rest of the suite), alone (a user's ``jax.jit``) and with the
+    options jaxlirpa compiles its own programs with (``bound`` called outside ``jax.jit``)."""
     fn = lambda x: _mlp(x) + 0.0
     x = inputs["vec"]
-    b = jax.jit(lambda z: jaxlirpa.bound(fn, z, EPS, method=method), compiler_options=XLA_DEFAULTS)(x)
-    assert_sound(fn, x, EPS, method=method, bounds=b, **CHECK)
-    assert np.all(b.lower <= fn(x) + 1e-5) and np.all(fn(x) <= b.upper + 1e-5)
+    for options in (XLA_DEFAULTS, XLA_DEFAULTS | (jaxlirpa.compiler_options(method) or {})):
+        b = jax.jit(lambda z: jaxlirpa.bound(fn, z, EPS, method=method), compiler_options=options)(x)
+        assert_sound(fn, x, EPS, method=method, bounds=b, **CHECK)
+        assert np.all(b.lower <= fn(x) + 1e-5) and np.all(fn(x) <= b.upper + 1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS)
