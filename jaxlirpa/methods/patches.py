@@ -42,9 +42,9 @@ _DIFF_SHARE = 8  # a WindowDiff keeps this fraction (1 / _DIFF_SHARE) of each wi
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Frame:
-    """Where the entries of patches sit (static). Canonical row ``(o, *y)`` is dense row
-    ``rows[o, *y]``; entry ``(c, *k)`` of it is the variable's flat element
-    ``index[c, *(y * stride - offset + k)]``, or nothing outside ``index``.
+    """Where the entries of patches sit (static, but for ``selected``). Canonical row
+    ``(o, *y)`` is dense row ``rows[o, *y]``; entry ``(c, *k)`` of it is the variable's flat
+    element ``index[c, *(y * stride - offset + k)]``, or nothing outside ``index``.
 
     ``selected`` (traced, shape ``(R,)``): only these canonical rows (flat over ``(O, *Y)``),
     in this order, as patches ``(R, C, *K)``: alpha-CROWN re-bounds just a convolution's
