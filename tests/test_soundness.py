@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Callable
 
 import flax.linen as nn
@@ -36,8 +37,9 @@ from jaxlirpa.testing import assert_sound, sample_points
 METHODS = ["ibp", "crown", "crown-ibp", "forward"]
 EPS = 0.15
 CHECK = dict(n_samples=128, attack_steps=10, max_coords=32)
-XLA_DEFAULTS = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False,
-                "xla_cpu_use_fusion_emitters": True}  # what conftest's XLA_FLAGS change
+XLA_DEFAULTS = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False} | (
+    {"xla_cpu_use_fusion_emitters": True} if "xla_cpu_use_fusion_emitters" in os.environ.get("XLA_FLAGS", "") else {})
+"""What conftest's ``XLA_FLAGS`` change, as XLA has them by default."""
 SHAPES = {"vec": (2, 6), "img": (2, 5, 5, 2)}  # img is NHWC (flax); NCHW branches transpose it
 
 _rng = np.random.default_rng(0)
