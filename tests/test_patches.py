@@ -203,13 +203,13 @@ def window_diffs(monkeypatch):
     api._CACHE.clear()
 
 
-@pytest.mark.parametrize("share", [1, 100])
-def test_window_diffs_give_the_bounds_of_two_compositions(window_diffs, share):
+@pytest.mark.parametrize("layout,share", [("NHWC", 1), ("NHWC", 100), ("NCHW", 1)])
+def test_window_diffs_give_the_bounds_of_two_compositions(window_diffs, layout, share):
     """The upper side composed as the lower one plus its difference at the few window
     entries where they differ (or in full when those do not fit) gives the bounds of two
     full compositions, for a batch at once and in chunks with a remainder (the choice is
     made for all examples together), and their gradient under jit; the bounds are sound."""
-    fn, x = _net("NHWC")
+    fn, x = _net(layout)
     x = jnp.concatenate([x, 0.9 * x, 0.5 * x])
 
     def width_and_grad():  # a new jit each time: the settings are read while tracing
