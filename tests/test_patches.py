@@ -176,7 +176,6 @@ def test_selected_rows_are_those_rows_of_the_full_patches(layout):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-
 @pytest.fixture
 def window_diffs(monkeypatch):
     """``use(share)``: from then on every ReLU between convolutions keeps its upper side as
