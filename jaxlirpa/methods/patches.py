@@ -15,8 +15,9 @@ input set. :func:`pull` returns None anywhere else, and CROWN continues with the
 One array of patches pulled through a ReLU gives two (lower and upper bound) that differ
 only at its unstable neurons, a few of each window's entries. The upper side then keeps
 that difference on those entries (:class:`WindowDiff`), and the next convolution composes
-the lower side and the difference instead of both sides: on CNN-B, a window-matrix
-product of 6272 x 512 rows by 363 columns and one of 6272 x 64 instead of two of the first.
+the lower side and the difference instead of both sides, where an eighth of each window
+holds it (else both sides in full): on CNN-B, a window-matrix product of 6272 x 512 rows by
+363 columns and one of 6272 x 64 instead of two of the first.
 """
 from __future__ import annotations
 
