@@ -227,3 +227,17 @@ def test_window_diffs_give_the_bounds_of_two_compositions(window_diffs, layout, 
     assert len(calls) == 4  # batched, chunked (the chunks, the rest), under jit with its gradient
     assert set(fits) == {share == 1}  # one choice per program run, for all its examples
     assert_sound(fn, x, 0.1, method="crown", bounds=got, n_samples=64, attack_steps=10)
+
+
+def test_window_diffs_in_alpha_crowns_first_pass(window_diffs):
+    """alpha-CROWN's first CROWN pass (its intermediate bounds before optimising, and the
+    counts that size its sparse passes) keeps WindowDiffs too: the same bounds as without
+    them (1e-3, see test_patches_equal_dense), and sound."""
+    fn, x = _net("NHWC")
+    want, _ = _bounds(fn, x, "alpha-crown", 0.1)
+    calls, fits = window_diffs(1)
+    got, _ = _bounds(fn, x, "alpha-crown", 0.1)
+    assert calls and set(fits) == {True}
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    lower_only = jaxlirpa.Bounds(jnp.asarray(got), jnp.full_like(got, jnp.inf))
+    assert_sound(fn, x, 0.1, method="alpha-crown", bounds=lower_only, n_samples=64, attack_steps=10)
